@@ -1,0 +1,103 @@
+"""Load a TOML file into a pydantic model, reporting errors by file, line and key.
+
+``tomllib`` and pydantic both know *what* is wrong but not *where* in the file; a technician
+editing ``edge.toml`` on a gateway needs ``edge.toml:14: devices[1].port: ...``. The locator
+below maps a pydantic error location back to the line that defines it (or, for a missing key,
+to the header of the table that should contain it).
+"""
+
+from __future__ import annotations
+
+import re
+import tomllib
+from pathlib import Path
+from typing import Any, TypeVar
+
+from pydantic import BaseModel, ValidationError
+
+M = TypeVar("M", bound=BaseModel)
+
+_HEADER = re.compile(r"^\s*(\[\[?)\s*([^\]]+?)\s*\]\]?\s*(#.*)?$")
+_KEY = re.compile(r"""^\s*("[^"]*"|'[^']*'|[A-Za-z0-9_.-]+)\s*=""")
+
+
+class ConfigError(ValueError):
+    """A configuration file that cannot be used. ``str()`` lists every problem, one per line."""
+
+    def __init__(self, path: str, problems: list[str]) -> None:
+        self.path = path
+        self.problems = problems
+        super().__init__("\n".join(problems))
+
+
+def _index_lines(text: str) -> dict[tuple[str | int, ...], int]:
+    """Map key paths (e.g. ``("devices", 1, "port")``) to 1-based line numbers."""
+    where: dict[tuple[str | int, ...], int] = {}
+    counts: dict[tuple[str | int, ...], int] = {}
+    table: tuple[str | int, ...] = ()
+    for lineno, line in enumerate(text.splitlines(), start=1):
+        h = _HEADER.match(line)
+        if h:
+            names = tuple(p.strip().strip("\"'") for p in h.group(2).split("."))
+            if h.group(1) == "[[":
+                n = counts.get(names, -1) + 1
+                counts[names] = n
+                table = (*names, n)
+            else:
+                table = names
+            where.setdefault(table, lineno)
+            continue
+        k = _KEY.match(line)
+        if k:
+            key = tuple(p.strip().strip("\"'") for p in k.group(1).split("."))
+            where.setdefault((*table, *key), lineno)
+    return where
+
+
+def _line_for(loc: tuple[str | int, ...], where: dict[tuple[str | int, ...], int]) -> int | None:
+    # Walk up the path until something is found: a bad list item inside `key = [...]` reports
+    # the key's line, a missing key reports its table's header.
+    for n in range(len(loc), 0, -1):
+        if loc[:n] in where:
+            return where[loc[:n]]
+    return None
+
+
+def _fmt_loc(loc: tuple[str | int, ...]) -> str:
+    out = ""
+    for part in loc:
+        out += f"[{part}]" if isinstance(part, int) else (f".{part}" if out else str(part))
+    return out or "<top level>"
+
+
+def load_toml(path: str | Path, model: type[M], overrides: dict[str, Any] | None = None) -> M:
+    """Read ``path`` and validate it as ``model``; raise :class:`ConfigError` naming line and key."""
+    p = Path(path)
+    try:
+        text = p.read_text(encoding="utf-8")
+    except OSError as exc:
+        raise ConfigError(str(p), [f"{p}: cannot read: {exc.strerror or exc}"]) from None
+    return parse_toml(text, model, source=str(p), overrides=overrides)
+
+
+def parse_toml(text: str, model: type[M], source: str = "<string>",
+               overrides: dict[str, Any] | None = None) -> M:
+    """Like :func:`load_toml` for text already in memory."""
+    try:
+        data = tomllib.loads(text)
+    except tomllib.TOMLDecodeError as exc:
+        # tomllib's message already ends with "(at line N, column M)".
+        raise ConfigError(source, [f"{source}: TOML syntax error: {exc}"]) from None
+    if overrides:
+        data.update(overrides)
+    try:
+        return model.model_validate(data)
+    except ValidationError as exc:
+        where = _index_lines(text)
+        problems = []
+        for err in exc.errors():
+            loc = tuple(p for p in err["loc"] if not (isinstance(p, str) and "[" in p))
+            line = _line_for(loc, where)
+            pos = f"{source}:{line}" if line else source
+            problems.append(f"{pos}: {_fmt_loc(loc)}: {err['msg']}")
+        raise ConfigError(source, problems) from None
