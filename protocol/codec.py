@@ -70,11 +70,11 @@ def decode(point: Point, words: list[int]) -> float | int | bool | str:
         except UnicodeDecodeError:
             raise DecodeError(f"{point.name}: string registers are not ASCII: {raw_bytes!r}") from None
     code = _NUMERIC[point.type][0]
-    (raw,) = struct.unpack(f">{code}", raw_bytes)
+    raw: int | float = struct.unpack(f">{code}", raw_bytes)[0]
     if isinstance(raw, float) and not math.isfinite(raw):
         raise DecodeError(f"{point.name}: device sent a non-finite float ({raw})")
     if point.scale == 1 and point.offset == 0:
-        return raw  # type: ignore[no-any-return]
+        return raw
     value = raw * point.scale + point.offset
     # Round away binary noise (0.1 * 653 = 65.30000000000001) to the precision the scale implies.
     return round(value, point.decimals)
@@ -92,7 +92,7 @@ def encode(point: Point, value: float | int | bool | str) -> list[int]:
     code = _NUMERIC[point.type][0]
     scaled = (float(value) - point.offset) / point.scale
     if point.type in INTEGER_TYPES:
-        raw: int | float = int(round(scaled))
+        raw: int | float = round(scaled)
         bits = 16 * point.registers
         if point.type.startswith("u"):
             if raw < 0:

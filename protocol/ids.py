@@ -9,12 +9,21 @@ from __future__ import annotations
 import re
 from typing import Annotated
 
-from pydantic import StringConstraints
+from pydantic import AfterValidator, WithJsonSchema
 
 NAME_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9_-]{0,63}$"
 _NAME_RE = re.compile(NAME_PATTERN)
 
-Name = Annotated[str, StringConstraints(pattern=NAME_PATTERN)]
+
+def _check_name(value: str) -> str:
+    if not _NAME_RE.match(value):
+        raise ValueError(f"{value!r} is not a valid name: use 1-64 letters, digits, '_' or '-', "
+                         "starting with a letter or digit")
+    return value
+
+
+Name = Annotated[str, AfterValidator(_check_name),
+                 WithJsonSchema({"type": "string", "pattern": NAME_PATTERN})]
 """A site, gateway, device or metric name: 1–64 chars of ``[A-Za-z0-9_-]``, not starting with ``-``/``_``."""
 
 

@@ -7,6 +7,7 @@ agent plans its requests and decodes with it. The format is documented in ``docs
 
 from __future__ import annotations
 
+import itertools
 import math
 from functools import cached_property
 from pathlib import Path
@@ -127,7 +128,7 @@ class DeviceProfile(BaseModel):
             spans.setdefault(p.table, []).append((p.address, p.address + p.registers, p.name))
         for table, items in spans.items():
             items.sort()
-            for (_, end_a, a), (start_b, _, b) in zip(items, items[1:], strict=False):
+            for (_, end_a, a), (start_b, _, b) in itertools.pairwise(items):
                 # Several bools may share one register (different bits); anything else may not overlap.
                 if start_b < end_a and not (self.point(a).bit is not None and self.point(b).bit is not None):
                     raise ValueError(f"{table} points {a!r} and {b!r} overlap")

@@ -99,5 +99,16 @@ def parse_toml(text: str, model: type[M], source: str = "<string>",
             loc = tuple(p for p in err["loc"] if not (isinstance(p, str) and "[" in p))
             line = _line_for(loc, where)
             pos = f"{source}:{line}" if line else source
-            problems.append(f"{pos}: {_fmt_loc(loc)}: {err['msg']}")
+            msg = err["msg"].removeprefix("Value error, ")
+            problems.append(f"{pos}: {_fmt_loc(loc)}: {msg}")
         raise ConfigError(source, problems) from None
+
+
+def problem_at(path: str | Path, loc: tuple[str | int, ...], message: str) -> str:
+    """Format a problem found after validation (e.g. a cross-file check) as ``file:line: key: msg``."""
+    try:
+        where = _index_lines(Path(path).read_text(encoding="utf-8"))
+    except OSError:
+        where = {}
+    line = _line_for(loc, where)
+    return f"{path}:{line}: {_fmt_loc(loc)}: {message}" if line else f"{path}: {_fmt_loc(loc)}: {message}"

@@ -60,4 +60,4 @@ def parse_topic(topic: str) -> Topic:
         raise ValueError(f"topic {topic!r}: invalid site or gateway name")
     if channel not in CHANNELS:
         raise ValueError(f"topic {topic!r}: unknown channel {channel!r}")
-    return Topic(int(ver[1:]), site, gateway, channel)  # type: ignore[arg-type]
+    return Topic(int(ver[1:]), site, gateway, channel)  # type: ignore[arg-type,unused-ignore]

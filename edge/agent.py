@@ -1,0 +1,101 @@
+"""The edge agent process: pollers → buffer → uplink, with metrics and clean shutdown."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import signal
+import sys
+
+from edge import __version__
+from edge.buffer import ReadingBuffer
+from edge.config import EdgeConfig
+from edge.drivers.modbus import ModbusDriver
+from edge.metrics import EdgeMetrics
+from edge.poller import DevicePoller
+from edge.uplink import Uplink
+from protocol.logs import get_logger
+from protocol.profile import DeviceProfile
+
+log = get_logger("edge.agent")
+
+
+class EdgeAgent:
+    """Owns every task of the agent; :meth:`run` returns after a clean shutdown."""
+
+    def __init__(self, cfg: EdgeConfig, profiles: dict[str, DeviceProfile]) -> None:
+        self.cfg = cfg
+        self.profiles = profiles
+        self.metrics = EdgeMetrics()
+        b = cfg.buffer
+        self.buffer = ReadingBuffer(b.path, b.synchronous, b.flush_interval_ms, b.flush_max_readings)
+        self.buffer.on_commit = self.metrics.committed.inc
+        self.devices = {d.name: (profiles[d.name].profile.kind.value, profiles[d.name].name) for d in cfg.devices}
+        self.uplink = Uplink(cfg, self.buffer, self.devices, self.metrics)
+        self.pollers = [
+            DevicePoller(d.name, ModbusDriver.tcp(d.host, d.port, d.unit_id, profiles[d.name], d.timeout_s, d.points),
+                         profiles[d.name], d.poll_interval_s, d.backoff_max_s, self.buffer, self.metrics)
+            for d in cfg.devices
+        ]
+        self._stop = asyncio.Event()
+
+    def stop(self) -> None:
+        """Ask the agent to shut down (signal handlers call this)."""
+        self._stop.set()
+
+    async def _gauges(self) -> None:
+        while True:
+            self.metrics.backlog.set(self.buffer.backlog)
+            self.metrics.buffer_bytes.set(await self.buffer.size_bytes())
+            await asyncio.sleep(5)
+
+    async def run(self) -> None:
+        """Run until :meth:`stop`; then stop polling, commit what was captured, say goodbye."""
+        await self.buffer.open()
+        await self.buffer.register_devices(self.devices)
+        if self.cfg.metrics.port:
+            self.metrics.serve(self.cfg.metrics.host, self.cfg.metrics.port)
+        writer = asyncio.create_task(self.buffer.run_writer(), name="buffer-writer")
+        uplink = asyncio.create_task(self.uplink.run(), name="uplink")
+        polls = [asyncio.create_task(p.run(), name=f"poll-{p.name}") for p in self.pollers]
+        gauges = asyncio.create_task(self._gauges(), name="gauges")
+        log.info("edge_ready", site=self.cfg.gateway.site, gateway=self.cfg.gateway.name,
+                 devices=len(self.pollers), backlog=self.buffer.backlog, version=__version__)
+        print(json.dumps({"event": "ready", "gateway": self.cfg.gateway.name,
+                          "devices": [p.name for p in self.pollers]}), flush=True)
+        crashed = asyncio.ensure_future(asyncio.wait([writer, uplink, *polls], return_when=asyncio.FIRST_EXCEPTION))
+        stop = asyncio.ensure_future(self._stop.wait())
+        await asyncio.wait({crashed, stop}, return_when=asyncio.FIRST_COMPLETED)
+        for t in (*polls, gauges):
+            t.cancel()
+        await asyncio.gather(*polls, gauges, return_exceptions=True)
+        writer.cancel()  # its finally-block commits everything still pending
+        await asyncio.gather(writer, return_exceptions=True)
+        await self.uplink.announce_offline()
+        uplink.cancel()
+        await asyncio.gather(uplink, return_exceptions=True)
+        crashed.cancel()
+        stop.cancel()
+        await self.buffer.close()
+        for t in (writer, uplink, *polls):
+            if t.done() and not t.cancelled() and t.exception():
+                log.error("task_failed", task=t.get_name(), error=repr(t.exception()))
+                raise t.exception()  # type: ignore[misc]
+        log.info("edge_stopped", backlog=self.buffer.backlog)
+
+
+async def run_agent(cfg: EdgeConfig, profiles: dict[str, DeviceProfile]) -> None:
+    """Run an agent with SIGINT/SIGTERM wired to a clean shutdown."""
+    agent = EdgeAgent(cfg, profiles)
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        with contextlib.suppress(NotImplementedError):
+            loop.add_signal_handler(sig, agent.stop)
+    try:
+        await agent.run()
+    finally:
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            with contextlib.suppress(NotImplementedError):
+                loop.remove_signal_handler(sig)
+    sys.stdout.flush()

@@ -1,0 +1,166 @@
+"""MQTT uplink: drains the buffer to the broker in QoS 1 batches.
+
+A batch is deleted from the buffer only after the broker's PUBACK; if the connection drops
+first, the batch stays and is sent again after reconnecting (the hub deduplicates on
+(gateway, device, seq)). Several batches may be in flight at once so one round trip per batch
+does not cap throughput.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import random
+import time
+from collections.abc import Awaitable
+
+import aiomqtt
+
+from edge import __version__
+from edge.buffer import ReadingBuffer
+from edge.config import EdgeConfig
+from edge.metrics import EdgeMetrics
+from edge.reading import StoredReading
+from protocol import topics
+from protocol.logs import get_logger
+from protocol.schema import DeviceInfoV1, DeviceKind, GatewayState, StatusV1, encode, encode_telemetry_v1
+
+log = get_logger("edge.uplink")
+
+
+def now_ms() -> int:
+    """Wall-clock time in ms since the epoch."""
+    return time.time_ns() // 1_000_000
+
+
+class Uplink:
+    """Keeps a connection to the broker and forwards the buffer through it."""
+
+    def __init__(self, cfg: EdgeConfig, buffer: ReadingBuffer, devices: dict[str, tuple[str, str]],
+                 metrics: EdgeMetrics) -> None:
+        self.cfg = cfg
+        self.buffer = buffer
+        self.devices = devices
+        self.metrics = metrics
+        self.site = cfg.gateway.site
+        self.gateway = cfg.gateway.name
+        self.telemetry_topic = topics.telemetry_topic(self.site, self.gateway)
+        self.status_topic = topics.status_topic(self.site, self.gateway)
+        self.connected = asyncio.Event()
+        self._client: aiomqtt.Client | None = None
+
+    def _status(self, state: GatewayState) -> bytes:
+        return encode(StatusV1(
+            site=self.site, gateway=self.gateway, state=state, ts=now_ms(), agent_version=__version__,
+            devices={n: DeviceInfoV1(kind=DeviceKind(k), profile=p) for n, (k, p) in self.devices.items()},
+            backlog=self.buffer.backlog))
+
+    def _client_for_session(self) -> aiomqtt.Client:
+        m = self.cfg.mqtt
+        return aiomqtt.Client(
+            m.host, m.port, identifier=self.cfg.client_id, username=m.username, password=m.password,
+            keepalive=m.keepalive_s, clean_session=True, max_inflight_messages=m.max_inflight,
+            timeout=m.publish_timeout_s,
+            # The broker publishes this for us if we vanish without a clean disconnect
+            # (power cut, network loss); retained so late subscribers see it too.
+            will=aiomqtt.Will(self.status_topic, self._status(GatewayState.OFFLINE), qos=1, retain=True),
+        )
+
+    async def run(self) -> None:
+        """Connect, forward, reconnect with exponential back-off and jitter; runs until cancelled."""
+        delay = self.cfg.mqtt.reconnect_min_s
+        while True:
+            try:
+                async with self._client_for_session() as client:
+                    self._client = client
+                    await client.publish(self.status_topic, self._status(GatewayState.ONLINE), qos=1, retain=True)
+                    self.connected.set()
+                    self.metrics.mqtt_connected.set(1)
+                    log.info("mqtt_connected", host=self.cfg.mqtt.host, port=self.cfg.mqtt.port,
+                             backlog=self.buffer.backlog)
+                    delay = self.cfg.mqtt.reconnect_min_s
+                    await self._forward(client)
+            except aiomqtt.MqttError as exc:
+                self.metrics.mqtt_reconnects.inc()
+                log.warning("mqtt_disconnected", error=str(exc), retry_in_s=round(delay, 2),
+                            backlog=self.buffer.backlog)
+            finally:
+                self._client = None
+                self.connected.clear()
+                self.metrics.mqtt_connected.set(0)
+            await asyncio.sleep(delay * random.uniform(0.8, 1.2))
+            delay = min(delay * 2, self.cfg.mqtt.reconnect_max_s)
+
+    async def _forward(self, client: aiomqtt.Client) -> None:
+        m = self.cfg.mqtt
+        slots = asyncio.Semaphore(m.max_inflight)
+        inflight: set[asyncio.Task[None]] = set()
+        failed: asyncio.Future[BaseException] = asyncio.get_running_loop().create_future()
+        cursor = 0  # highest row id handed to a publish on this connection
+
+        def done(task: asyncio.Task[None]) -> None:
+            inflight.discard(task)
+            slots.release()
+            if not task.cancelled() and task.exception() and not failed.done():
+                failed.set_result(task.exception())  # type: ignore[arg-type]
+
+        try:
+            while not failed.done():
+                self.buffer.new_data.clear()
+                rows = await self.buffer.fetch(cursor, m.batch_max_readings)
+                if not rows:
+                    await self._wait_any(self.buffer.new_data.wait(), failed)
+                    continue
+                wait_ms = m.batch_max_delay_ms - (now_ms() - rows[0].ts_ms)
+                if len(rows) < m.batch_max_readings and wait_ms > 0:
+                    # Let a part-filled batch grow for up to batch_max_delay_ms after its oldest
+                    # reading was taken: fewer, larger messages are what make QoS 1 fast.
+                    await self._wait_any(asyncio.sleep(wait_ms / 1000), failed)
+                    continue
+                await self._wait_any(slots.acquire(), failed)
+                if failed.done():
+                    break  # the semaphore dies with this connection; no need to give a slot back
+                cursor = rows[-1].row_id
+                task = asyncio.create_task(self._publish(client, rows))
+                inflight.add(task)
+                task.add_done_callback(done)
+            raise failed.result()
+        finally:
+            for t in list(inflight):
+                t.cancel()
+            await asyncio.gather(*inflight, return_exceptions=True)
+
+    @staticmethod
+    async def _wait_any(aw: Awaitable[object], failed: asyncio.Future[BaseException]) -> None:
+        """Wait for ``aw`` unless a publish of this connection fails first."""
+        task: asyncio.Future[object] = asyncio.ensure_future(aw)
+        watched: set[asyncio.Future[object]] = {task, failed}  # type: ignore[arg-type]
+        try:
+            await asyncio.wait(watched, return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            if not task.done():
+                task.cancel()
+                with contextlib.suppress(asyncio.CancelledError):
+                    await task
+
+    async def _publish(self, client: aiomqtt.Client, batch: list[StoredReading]) -> None:
+        payload = encode_telemetry_v1(
+            self.site, self.gateway, now_ms(),
+            {d: self.buffer.device_info(d) for d in {r.device for r in batch}},
+            [(r.device, r.metric, r.seq, r.ts_ms, r.value, r.unit, r.quality) for r in batch],
+            backlog=max(0, self.buffer.backlog - len(batch)),
+        )
+        t0 = time.perf_counter()
+        await client.publish(self.telemetry_topic, payload, qos=1)
+        # PUBACK received: the broker owns these readings now.
+        await self.buffer.ack(batch[0].row_id, batch[-1].row_id)
+        self.metrics.published_readings.inc(len(batch))
+        self.metrics.published_batches.inc()
+        self.metrics.publish_latency.observe(time.perf_counter() - t0)
+
+    async def announce_offline(self) -> None:
+        """Publish the retained offline status before a clean shutdown (the Will only covers crashes)."""
+        if self._client is not None:
+            with contextlib.suppress(aiomqtt.MqttError, asyncio.TimeoutError):
+                await asyncio.wait_for(self._client.publish(
+                    self.status_topic, self._status(GatewayState.OFFLINE), qos=1, retain=True), 2)

@@ -1,0 +1,132 @@
+"""Start a private Mosquitto broker (the real Debian ``mosquitto``) on a loopback port.
+
+Used by ``make demo`` (so no system-wide broker is needed), by the integration tests and by the
+benchmarks. The broker keeps persistent sessions on disk so a hub that restarts finds the QoS 1
+messages that arrived while it was away.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import signal
+import subprocess
+import tempfile
+from pathlib import Path
+from types import TracebackType
+
+from fleet.net import free_port, port_open, wait_for_port
+
+
+class BrokerUnavailable(RuntimeError):
+    """The mosquitto binary is not installed."""
+
+
+def find_mosquitto() -> str:
+    """Path of the mosquitto binary; Debian installs it in /usr/sbin, which is not on every PATH."""
+    found = shutil.which("mosquitto") or next(
+        (p for p in ("/usr/sbin/mosquitto", "/usr/local/sbin/mosquitto") if os.access(p, os.X_OK)), None)
+    if not found:
+        raise BrokerUnavailable("mosquitto is not installed (Debian: apt-get install mosquitto)")
+    return found
+
+
+class Mosquitto:
+    """A mosquitto process with its own config, data dir and log, on 127.0.0.1."""
+
+    def __init__(self, port: int = 0, host: str = "127.0.0.1", workdir: str | Path | None = None,
+                 extra_config: str = "") -> None:
+        self.host = host
+        self.port = port or free_port(host)
+        self._own_dir = workdir is None
+        self.workdir = Path(workdir or tempfile.mkdtemp(prefix="twin-mosquitto-"))
+        self.extra_config = extra_config
+        self.proc: subprocess.Popen[bytes] | None = None
+
+    @property
+    def log_path(self) -> Path:
+        """Where the broker writes its log."""
+        return self.workdir / "mosquitto.log"
+
+    def _write_config(self) -> Path:
+        conf = self.workdir / "mosquitto.conf"
+        data = self.workdir / "data"
+        data.mkdir(parents=True, exist_ok=True)
+        conf.write_text(
+            f"listener {self.port} {self.host}\n"
+            "allow_anonymous true\n"
+            "persistence true\n"
+            f"persistence_location {data}/\n"
+            # A hub that is down for hours must find its backlog queued, not dropped at the
+            # default 1000 messages per session.
+            "max_queued_messages 1000000\n"
+            "max_inflight_messages 100\n"
+            "autosave_interval 30\n"
+            f"log_dest file {self.log_path}\n"
+            "log_type error\nlog_type warning\nlog_type notice\n"
+            "connection_messages true\n"
+            f"{self.extra_config}\n"
+        )
+        return conf
+
+    def start(self, timeout: float = 10.0) -> Mosquitto:
+        """Start the broker and wait until it accepts connections."""
+        if port_open(self.host, self.port):
+            raise RuntimeError(f"port {self.host}:{self.port} is already in use; set another MQTT port")
+        conf = self._write_config()
+        # Running as root, mosquitto drops privileges to user 'mosquitto', which then cannot
+        # write our temp dir; 'user root' is not valid either, so hand the dir over.
+        if os.geteuid() == 0:
+            try:
+                shutil.chown(self.workdir, "mosquitto")
+                for p in self.workdir.rglob("*"):
+                    shutil.chown(p, "mosquitto")
+            except (LookupError, OSError):
+                pass
+        self.proc = subprocess.Popen([find_mosquitto(), "-c", str(conf)],
+                                     stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
+                                     start_new_session=False)
+        try:
+            wait_for_port(self.host, self.port, timeout)
+        except TimeoutError:
+            self.stop()
+            log = self.log_path.read_text(errors="replace") if self.log_path.exists() else ""
+            raise RuntimeError(f"mosquitto did not start on port {self.port}: {log[-2000:]}") from None
+        return self
+
+    def stop(self, timeout: float = 5.0) -> None:
+        """Stop the broker (SIGTERM, then SIGKILL); persistent state is saved on SIGTERM."""
+        if self.proc and self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGTERM)
+            try:
+                self.proc.wait(timeout)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait()
+        if self.proc and self.proc.stderr:
+            self.proc.stderr.close()
+        self.proc = None
+
+    def kill(self) -> None:
+        """Kill -9 the broker (an unclean crash)."""
+        if self.proc and self.proc.poll() is None:
+            self.proc.kill()
+            self.proc.wait()
+
+    def restart(self, timeout: float = 10.0) -> None:
+        """Stop and start again on the same port and data dir."""
+        self.stop()
+        self.start(timeout)
+
+    def cleanup(self) -> None:
+        """Stop and remove the working directory if we created it."""
+        self.stop()
+        if self._own_dir:
+            shutil.rmtree(self.workdir, ignore_errors=True)
+
+    def __enter__(self) -> Mosquitto:
+        return self.start()
+
+    def __exit__(self, et: type[BaseException] | None, e: BaseException | None,
+                 tb: TracebackType | None) -> None:
+        self.cleanup()

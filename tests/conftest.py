@@ -1,0 +1,25 @@
+"""Fixtures for real parts: a private Mosquitto broker per test."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from fleet.broker import BrokerUnavailable, Mosquitto
+from tests.parts import missing_part
+
+
+@pytest.fixture
+def mosquitto(tmp_path: Path) -> Iterator[Mosquitto]:
+    """A real mosquitto on a free 127.0.0.1 port, stopped after the test."""
+    try:
+        broker = Mosquitto(workdir=tmp_path / "mosquitto")
+        broker.start()
+    except BrokerUnavailable as exc:
+        missing_part(str(exc), "apt-get install mosquitto")
+    try:
+        yield broker
+    finally:
+        broker.cleanup()
