@@ -65,7 +65,10 @@ class Mosquitto:
             f"log_dest file {self.log_path}\n"
             "log_type error\nlog_type warning\nlog_type notice\n"
             "connection_messages true\n"
-            f"{self.extra_config}\n"
+            # As root, mosquitto would switch to user 'mosquitto', which cannot enter a
+            # private temp dir (pytest's are 0700); this broker is ours alone, so stay.
+            + ("user root\n" if os.geteuid() == 0 else "")
+            + f"{self.extra_config}\n"
         )
         return conf
 
@@ -74,15 +77,6 @@ class Mosquitto:
         if port_open(self.host, self.port):
             raise RuntimeError(f"port {self.host}:{self.port} is already in use; set another MQTT port")
         conf = self._write_config()
-        # Running as root, mosquitto drops privileges to user 'mosquitto', which then cannot
-        # write our temp dir; 'user root' is not valid either, so hand the dir over.
-        if os.geteuid() == 0:
-            try:
-                shutil.chown(self.workdir, "mosquitto")
-                for p in self.workdir.rglob("*"):
-                    shutil.chown(p, "mosquitto")
-            except (LookupError, OSError):
-                pass
         self.proc = subprocess.Popen([find_mosquitto(), "-c", str(conf)],
                                      stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
                                      start_new_session=False)

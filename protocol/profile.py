@@ -13,7 +13,7 @@ from functools import cached_property
 from pathlib import Path
 from typing import Annotated, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, model_validator
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
 from protocol.codec import DATA_TYPES, register_count
 from protocol.ids import Name
@@ -54,10 +54,15 @@ class Point(BaseModel):
     min: float | None = None
     max: float | None = None
 
+    @field_validator("unit")
+    @classmethod
+    def _known_unit(cls, unit: str) -> str:
+        if not is_known_unit(unit):
+            raise ValueError(f"unknown unit {unit!r}; use one of {sorted(UNITS)}")
+        return unit
+
     @model_validator(mode="after")
     def _check(self) -> Point:
-        if not is_known_unit(self.unit):
-            raise ValueError(f"unknown unit {self.unit!r}; use one of {sorted(UNITS)}")
         if self.scale == 0 or not math.isfinite(self.scale):
             raise ValueError("scale must be a finite non-zero number")
         if self.type == "string" and self.length is None:
