@@ -55,6 +55,16 @@ def _from_bytes(raw: bytes, byte_order: str, word_order: str) -> list[int]:
     return words if word_order == "big" else list(reversed(words))
 
 
+def _shortest_float32(x: float) -> float:
+    """The shortest decimal that is the same float32 (1.6420565, not 1.6420564651489258)."""
+    packed = struct.pack(">f", x)
+    for digits in range(6, 10):
+        candidate = float(f"{x:.{digits}g}")
+        if struct.pack(">f", candidate) == packed:
+            return candidate
+    return x
+
+
 def decode(point: Point, words: list[int]) -> float | int | bool | str:
     """Decode the register words of ``point`` into its engineering value."""
     if len(words) != point.registers:
@@ -73,6 +83,8 @@ def decode(point: Point, words: list[int]) -> float | int | bool | str:
     raw: int | float = struct.unpack(f">{code}", raw_bytes)[0]
     if isinstance(raw, float) and not math.isfinite(raw):
         raise DecodeError(f"{point.name}: device sent a non-finite float ({raw})")
+    if point.type == "float32":
+        raw = _shortest_float32(raw)
     if point.scale == 1 and point.offset == 0:
         return raw
     value = raw * point.scale + point.offset

@@ -97,3 +97,9 @@ def test_encode_refuses_values_that_do_not_fit() -> None:
         codec.encode(pt("int16"), 40000)
     with pytest.raises(OverflowError):
         codec.encode(pt("uint16", unit="bar"), -1)
+
+
+def test_float32_decodes_to_its_shortest_decimal() -> None:
+    p = pt("float32", unit="kW")
+    assert codec.decode(p, [0x3FD2, 0x2EE8]) == 1.6420565  # not 1.6420564651489258
+    assert codec.decode(p, codec.encode(p, 12.3)) == 12.3
