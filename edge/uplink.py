@@ -72,6 +72,8 @@ class Uplink:
         while True:
             try:
                 async with self._client_for_session() as client:
+                    # aiomqtt warns above 10 pending publishes; max_inflight may be more by design.
+                    client.pending_calls_threshold = self.cfg.mqtt.max_inflight + 2
                     self._client = client
                     await client.publish(self.status_topic, self._status(GatewayState.ONLINE), qos=1, retain=True)
                     self.connected.set()

@@ -155,6 +155,16 @@ class PostgresCluster:
             return
         self._run("createdb", "-h", self.host, "-p", str(self.port), "-U", self.user, self.database)
 
+    def create_database(self, name: str) -> str:
+        """Create another (empty) database in the running cluster; returns its Tortoise URL.
+
+        Tests use one database each so they cannot see each other's rows.
+        """
+        if not self._started:
+            raise RuntimeError("cluster is not running")
+        self._run("createdb", "-h", self.host, "-p", str(self.port), "-U", self.user, name)
+        return f"postgres://{self.user}@{self.host}:{self.port}/{name}"
+
     def stop(self, timeout: float = 15.0) -> None:
         """Stop the server (fast shutdown: disconnect clients, then exit)."""
         if not self._started:

@@ -15,6 +15,8 @@ from typing import Any, TypeVar
 
 from pydantic import BaseModel, ValidationError
 
+from protocol.ids import NAME_PATTERN, NAME_RULE
+
 M = TypeVar("M", bound=BaseModel)
 
 _HEADER = re.compile(r"^\s*(\[\[?)\s*([^\]]+?)\s*\]\]?\s*(#.*)?$")
@@ -100,6 +102,8 @@ def parse_toml(text: str, model: type[M], source: str = "<string>",
             line = _line_for(loc, where)
             pos = f"{source}:{line}" if line else source
             msg = err["msg"].removeprefix("Value error, ")
+            if err["type"] == "string_pattern_mismatch" and err.get("ctx", {}).get("pattern") == NAME_PATTERN:
+                msg = f"{err['input']!r} is not a valid name: use {NAME_RULE}"
             problems.append(f"{pos}: {_fmt_loc(loc)}: {msg}")
         raise ConfigError(source, problems) from None
 

@@ -8,6 +8,7 @@ from pathlib import Path
 import pytest
 
 from fleet.broker import BrokerUnavailable, Mosquitto
+from fleet.postgres import PostgresCluster, PostgresUnavailable
 from tests.parts import missing_part
 
 
@@ -23,3 +24,20 @@ def mosquitto(tmp_path: Path) -> Iterator[Mosquitto]:
         yield broker
     finally:
         broker.cleanup()
+
+
+@pytest.fixture(scope="session")
+def postgres() -> Iterator[PostgresCluster]:
+    """A throw-away PostgreSQL cluster for the whole session (``initdb`` in a temp dir).
+
+    Tests call ``postgres.create_database(name)`` for a database of their own.
+    """
+    try:
+        cluster = PostgresCluster()
+    except PostgresUnavailable as exc:
+        missing_part(str(exc), "apt-get install postgresql")
+    cluster.start()
+    try:
+        yield cluster
+    finally:
+        cluster.cleanup()

@@ -1,0 +1,67 @@
+"""FastAPI application factory."""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+from fastapi import FastAPI
+from starlette.types import ASGIApp, Receive, Scope, Send
+
+from hub import __version__
+from hub.config import StatusConfig
+from hub.db import Database
+from hub.ingest import Ingest, now_ms
+from hub.metrics import HubMetrics
+
+
+@dataclass
+class ApiContext:
+    """What the route handlers need; stored as ``app.state.hub``."""
+
+    db: Database
+    status: StatusConfig = field(default_factory=StatusConfig)
+    ingest: Ingest | None = None
+    """``None`` runs the API without ingest (tests, a read-only replica): broker "disabled"."""
+    metrics: HubMetrics = field(default_factory=HubMetrics)
+    clock: Callable[[], int] = now_ms
+    """Hub clock in epoch ms, used for online/stale/offline."""
+    started: float = field(default_factory=time.monotonic)
+
+
+class _ActivateDatabase:
+    """Make the hub's Tortoise context current for each request.
+
+    Tortoise resolves connections through a context variable; requests may run in tasks that did
+    not inherit it (an ASGI test client, another hub in the same process).
+    """
+
+    def __init__(self, app: ASGIApp, db: Database) -> None:
+        self.app = app
+        self.db = db
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http" or not self.db.is_open:
+            await self.app(scope, receive, send)
+            return
+        with self.db.activate():
+            await self.app(scope, receive, send)
+
+
+def create_app(ctx: ApiContext) -> FastAPI:
+    """Build the API around an open database (and optionally a running ingest)."""
+    from hub.api.routes import metrics_router, router
+
+    app = FastAPI(
+        title="Digital twin hub",
+        version=__version__,
+        description="Devices, gateways and readings ingested from the gateways over MQTT.",
+        docs_url="/docs",
+        openapi_url="/openapi.json",
+    )
+    app.state.hub = ctx
+    app.include_router(router)
+    app.include_router(metrics_router)
+    app.add_middleware(_ActivateDatabase, db=ctx.db)
+    return app

@@ -1,0 +1,149 @@
+"""Route handlers of ``/api/v1`` and ``/metrics``."""
+
+from __future__ import annotations
+
+import time
+from datetime import datetime
+from typing import Annotated, Any
+
+from fastapi import APIRouter, Depends, HTTPException, Query, Request, Response
+from fastapi.responses import JSONResponse
+
+from hub import __version__, queries
+from hub.api.app import ApiContext
+from hub.api.schemas import (
+    BrokerHealth,
+    DatabaseHealth,
+    DeviceOut,
+    GatewayOut,
+    HealthOut,
+    LatestOut,
+    LatestValue,
+    ReadingOut,
+    iso_ms,
+    to_ms,
+)
+from hub.db import redact_url
+from hub.metrics import CONTENT_TYPE
+from hub.status import device_status, gateway_status
+from protocol.ids import NAME_PATTERN
+
+MAX_LIMIT = 10_000
+
+router = APIRouter(prefix="/api/v1")
+metrics_router = APIRouter()
+
+
+def hub_context(request: Request) -> ApiContext:
+    """The :class:`ApiContext` of the app serving ``request``."""
+    ctx: ApiContext = request.app.state.hub
+    return ctx
+
+
+Ctx = Annotated[ApiContext, Depends(hub_context)]
+NameQuery = Annotated[str | None, Query(pattern=NAME_PATTERN, max_length=64)]
+
+_NOT_FOUND: dict[int | str, dict[str, Any]] = {404: {"description": "Unknown device", "content": {"application/json": {
+    "example": {"detail": "unknown device 'plant1.gw1.nope'"}}}}}
+
+
+@router.get("/health", response_model=HealthOut, responses={503: {"model": HealthOut}})
+async def health(ctx: Ctx) -> JSONResponse:
+    """Database and broker connection state plus ingest counters. HTTP 503 while degraded."""
+    db_ok = await ctx.db.ping()
+    if ctx.ingest is None:
+        broker = BrokerHealth(connected=False, state="disabled")
+        broker_ok = True
+    else:
+        ing = ctx.ingest
+        up = ing.connected and ing.subscribed.is_set()
+        broker = BrokerHealth(connected=up, state="connected" if up else "disconnected",
+                              host=ing.mqtt.host, port=ing.mqtt.port, error=None if up else ing.last_error)
+        broker_ok = up
+    body = HealthOut(
+        status="ok" if db_ok and broker_ok else "degraded",
+        version=__version__,
+        uptime_s=round(time.monotonic() - ctx.started, 3),
+        database=DatabaseHealth(connected=db_ok, backend=ctx.db.dialect, url=redact_url(ctx.db.url)),
+        broker=broker,
+        ingest={**ctx.metrics.stats.as_dict(), "pending": ctx.ingest.pending if ctx.ingest else 0},
+    )
+    return JSONResponse(body.model_dump(), status_code=200 if body.status == "ok" else 503)
+
+
+def _device_out(ctx: ApiContext, d: queries.DeviceRow, now: int) -> DeviceOut:
+    return DeviceOut(id=d.uid, kind=d.kind, site=d.site, gateway=d.gateway, name=d.name, profile=d.profile,
+                     status=device_status(d.last_seen_ms, now, ctx.status),
+                     last_seen=iso_ms(d.last_seen_ms), first_seen=iso_ms(d.first_seen_ms))
+
+
+@router.get("/devices", response_model=list[DeviceOut])
+async def list_devices(ctx: Ctx, site: NameQuery = None, gateway: NameQuery = None) -> list[DeviceOut]:
+    """All devices ever seen, ordered by id; optionally only one site's or gateway's."""
+    now = ctx.clock()
+    return [_device_out(ctx, d, now) for d in await queries.list_devices(ctx.db, site, gateway)]
+
+
+async def _device_or_404(ctx: ApiContext, device_id: str) -> queries.DeviceRow:
+    dev = await queries.find_device(ctx.db, device_id)
+    if dev is None:
+        raise HTTPException(status_code=404, detail=f"unknown device {device_id!r}")
+    return dev
+
+
+@router.get("/devices/{device_id}", response_model=DeviceOut, responses=_NOT_FOUND)
+async def get_device(ctx: Ctx, device_id: str) -> DeviceOut:
+    """One device by uid ``site.gateway.device``."""
+    return _device_out(ctx, await _device_or_404(ctx, device_id), ctx.clock())
+
+
+@router.get("/devices/{device_id}/latest", response_model=LatestOut, responses=_NOT_FOUND)
+async def latest(ctx: Ctx, device_id: str) -> LatestOut:
+    """Newest value of each metric of the device (by reading timestamp)."""
+    dev = await _device_or_404(ctx, device_id)
+    rows = await queries.latest(ctx.db, dev.pk)
+    return LatestOut(id=dev.uid, metrics={
+        r.metric: LatestValue(value=r.typed_value, unit=r.unit, ts=iso_ms(r.ts_ms), quality=r.quality, seq=r.seq)
+        for r in rows})
+
+
+@router.get("/devices/{device_id}/readings", response_model=list[ReadingOut], responses=_NOT_FOUND)
+async def readings(
+    ctx: Ctx,
+    device_id: str,
+    metric: NameQuery = None,
+    since: Annotated[datetime | None, Query(description="ISO 8601, inclusive (no zone = UTC)")] = None,
+    until: Annotated[datetime | None, Query(description="ISO 8601, exclusive (no zone = UTC)")] = None,
+    limit: Annotated[int, Query(ge=1, le=MAX_LIMIT)] = 1000,
+) -> list[ReadingOut]:
+    """Readings of a device ordered by timestamp (oldest first), optionally of one metric,
+    in ``[since, until)``, at most ``limit`` (default 1000, max 10000)."""
+    since_ms = to_ms(since) if since is not None else None
+    until_ms = to_ms(until) if until is not None else None
+    if since_ms is not None and until_ms is not None and until_ms < since_ms:
+        raise HTTPException(status_code=422, detail="'until' is before 'since'")
+    dev = await _device_or_404(ctx, device_id)
+    rows = await queries.readings(ctx.db, dev.pk, metric, since_ms, until_ms, limit)
+    return [ReadingOut(ts=iso_ms(r.ts_ms), metric=r.metric, value=r.typed_value, unit=r.unit,
+                       quality=r.quality, seq=r.seq) for r in rows]
+
+
+@router.get("/gateways", response_model=list[GatewayOut])
+async def list_gateways(ctx: Ctx) -> list[GatewayOut]:
+    """All gateways with their announced state, liveness, backlog and device count."""
+    now = ctx.clock()
+    out = []
+    for g in await queries.list_gateways(ctx.db):
+        state = g.state if g.state in ("online", "offline") else "unknown"
+        out.append(GatewayOut(
+            id=f"{g.site}.{g.name}", site=g.site, gateway=g.name, state=state,
+            status=gateway_status(g.state, g.last_seen_ms, now, ctx.status),
+            last_seen=iso_ms(g.last_seen_ms), state_since=iso_ms(g.state_ts_ms), backlog=g.backlog,
+            devices=g.devices, agent_version=g.agent_version))
+    return out
+
+
+@metrics_router.get("/metrics", include_in_schema=False)
+async def metrics(ctx: Ctx) -> Response:
+    """Prometheus text exposition of the ingest counters."""
+    return Response(ctx.metrics.render(), media_type=CONTENT_TYPE)

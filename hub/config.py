@@ -1,0 +1,139 @@
+"""Hub configuration: pydantic models loaded from TOML (see ``examples/hub.toml``, ``docs/hub.md``).
+
+Errors are reported as ``hub.toml:LINE: key: message`` through :mod:`protocol.tomlconfig`.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Annotated, Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, SecretStr, ValidationError, model_validator
+
+from protocol.ids import NAME_PATTERN
+from protocol.tomlconfig import ConfigError, load_toml, parse_toml
+
+Port = Annotated[int, Field(ge=0, le=65535)]
+
+
+class _Section(BaseModel):
+    # Unknown keys are errors: a typo such as `bach_max_readings` must not be silently ignored.
+    model_config = ConfigDict(extra="forbid")
+
+
+class DatabaseConfig(_Section):
+    """``[database]``: where readings are stored."""
+
+    url: str = "sqlite://var/hub.db"
+    """Tortoise ORM URL: ``sqlite://PATH`` (relative to the working directory) or
+    ``postgres://USER:PASSWORD@HOST:PORT/DB``."""
+
+    @model_validator(mode="after")
+    def _known_scheme(self) -> DatabaseConfig:
+        scheme = self.url.split("://", 1)[0] if "://" in self.url else ""
+        if scheme not in ("sqlite", "postgres", "postgresql", "asyncpg"):
+            raise ValueError("url must start with sqlite:// or postgres://")
+        return self
+
+
+class MqttConfig(_Section):
+    """``[mqtt]``: the broker the gateways publish to."""
+
+    host: str = "127.0.0.1"
+    port: Annotated[int, Field(ge=1, le=65535)] = 1883
+    client_id: Annotated[str, Field(min_length=1, max_length=64, pattern=r"^[A-Za-z0-9_.:-]+$")] = "twin-hub"
+    """Fixed client id: the broker keeps this hub's persistent session (and its queued QoS 1
+    messages) under it. Two hub processes must not share a client id."""
+    share_group: Annotated[str, Field(pattern=NAME_PATTERN)] | None = None
+    """When set, telemetry is subscribed as ``$share/<group>/...`` so hubs in the group split it."""
+    username: str | None = None
+    password: SecretStr | None = None
+    keepalive: Annotated[int, Field(ge=5, le=3600)] = 30
+    reconnect_max_s: Annotated[float, Field(gt=0, le=300)] = 10.0
+    """Upper bound of the exponential back-off between reconnection attempts."""
+
+
+class HttpConfig(_Section):
+    """``[http]``: the REST API listener."""
+
+    host: str = "127.0.0.1"
+    port: Port = 8000
+    """0 picks a free port (the ready line on stdout tells which)."""
+
+
+class IngestConfig(_Section):
+    """``[ingest]``: batching of readings into database transactions."""
+
+    batch_max_readings: Annotated[int, Field(ge=1, le=1_000_000)] = 5000
+    batch_max_delay_ms: Annotated[int, Field(ge=0, le=60_000)] = 50
+
+
+class StatusConfig(_Section):
+    """``[status]``: when devices and gateways count as stale or offline."""
+
+    stale_after_s: Annotated[float, Field(gt=0)] = 120
+    offline_after_s: Annotated[float, Field(gt=0)] = 600
+
+    @model_validator(mode="after")
+    def _ordered(self) -> StatusConfig:
+        if self.offline_after_s < self.stale_after_s:
+            raise ValueError("offline_after_s must be >= stale_after_s")
+        return self
+
+
+class HubConfig(_Section):
+    """The whole ``hub.toml``."""
+
+    log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR", "debug", "info", "warning", "error"] = "INFO"
+    database: DatabaseConfig = DatabaseConfig()
+    mqtt: MqttConfig = MqttConfig()
+    http: HttpConfig = HttpConfig()
+    ingest: IngestConfig = IngestConfig()
+    status: StatusConfig = StatusConfig()
+
+
+# Environment variable -> (section, key). Handy for containers and for launchers that pick ports.
+ENV_OVERRIDES: dict[str, tuple[str, str]] = {
+    "HUB_PORT": ("http", "port"),
+    "MQTT_PORT": ("mqtt", "port"),
+    "HUB_DATABASE_URL": ("database", "url"),
+}
+
+
+def load_config(path: str | Path) -> HubConfig:
+    """Load and validate ``path``; raises :class:`ConfigError` naming file, line and key."""
+    return load_toml(path, HubConfig)
+
+
+def parse_config(text: str, source: str = "<string>") -> HubConfig:
+    """Like :func:`load_config` for TOML text in memory."""
+    return parse_toml(text, HubConfig, source=source)
+
+
+def apply_env(config: HubConfig, environ: Mapping[str, str] | None = None) -> HubConfig:
+    """Return ``config`` with ``HUB_PORT`` / ``MQTT_PORT`` / ``HUB_DATABASE_URL`` applied.
+
+    A bad value raises :class:`ConfigError` naming the variable.
+    """
+    env = os.environ if environ is None else environ
+    data: dict[str, Any] = config.model_dump()
+    if config.mqtt.password is not None:
+        data["mqtt"]["password"] = config.mqtt.password.get_secret_value()
+    used: dict[tuple[str, str], str] = {}
+    for var, (section, key) in ENV_OVERRIDES.items():
+        if var in env:
+            data[section][key] = env[var]
+            used[(section, key)] = var
+    if not used:
+        return config
+    try:
+        return HubConfig.model_validate(data)
+    except ValidationError as exc:
+        problems = []
+        for err in exc.errors():
+            loc = tuple(str(p) for p in err["loc"][:2])
+            name = used.get((loc[0], loc[1])) if len(loc) == 2 else None
+            problems.append(f"environment {name or '.'.join(loc)}: {err['msg']}")
+        raise ConfigError("environment", problems) from None

@@ -1,0 +1,121 @@
+"""Ingest counters: plain integers (for tests and ``/api/v1/health``) mirrored to Prometheus.
+
+Each hub has its own ``CollectorRegistry`` so two hubs in one process (tests) do not collide.
+"""
+
+from __future__ import annotations
+
+from collections import Counter as _Tally
+from dataclasses import dataclass, field
+from typing import Any
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
+from prometheus_client.exposition import CONTENT_TYPE_LATEST
+
+CONTENT_TYPE = CONTENT_TYPE_LATEST
+
+
+@dataclass
+class IngestStats:
+    """Totals since the hub started."""
+
+    messages: int = 0
+    """MQTT messages received (telemetry + status, valid or not)."""
+    telemetry_messages: int = 0
+    status_messages: int = 0
+    readings_received: int = 0
+    """Readings in valid telemetry messages that reached a committed batch."""
+    readings_stored: int = 0
+    """Readings newly inserted."""
+    duplicates: int = 0
+    """Readings already stored (QoS 1 redelivery, a gateway resending, a retried batch)."""
+    malformed: int = 0
+    malformed_by_reason: _Tally[str] = field(default_factory=_Tally)
+    batches: int = 0
+    db_errors: int = 0
+    acked: int = 0
+    """Messages acknowledged to the broker (after their batch was committed)."""
+    reconnects: int = 0
+
+    def as_dict(self) -> dict[str, Any]:
+        """JSON-friendly copy."""
+        d = {k: v for k, v in self.__dict__.items() if k != "malformed_by_reason"}
+        d["malformed_by_reason"] = dict(self.malformed_by_reason)
+        return d
+
+
+BATCH_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0)
+
+
+class HubMetrics:
+    """All counters of one hub."""
+
+    def __init__(self) -> None:
+        self.stats = IngestStats()
+        self.registry = CollectorRegistry(auto_describe=True)
+        r = self.registry
+        self._messages = Counter("twin_hub_mqtt_messages", "MQTT messages received", ["channel"], registry=r)
+        self._readings_received = Counter("twin_hub_readings_received", "Readings in valid telemetry",
+                                          registry=r)
+        self._stored = Counter("twin_hub_readings_stored", "Readings inserted into the database", registry=r)
+        self._duplicates = Counter("twin_hub_readings_duplicate",
+                                   "Readings ignored because (device, seq) was already stored", registry=r)
+        self._malformed = Counter("twin_hub_malformed_messages", "Messages rejected, by reason", ["reason"],
+                                  registry=r)
+        self._batches = Counter("twin_hub_batches", "Batches committed", registry=r)
+        self._batch_seconds = Histogram("twin_hub_batch_seconds", "Time to commit one batch",
+                                        buckets=BATCH_BUCKETS, registry=r)
+        self._batch_readings = Histogram("twin_hub_batch_readings", "Readings per committed batch",
+                                         buckets=(1, 10, 100, 500, 1000, 2500, 5000, 10000, 50000),
+                                         registry=r)
+        self._db_errors = Counter("twin_hub_db_errors", "Failed batch commits (retried)", registry=r)
+        self._reconnects = Counter("twin_hub_mqtt_reconnects", "MQTT connection losses", registry=r)
+        self.mqtt_connected = Gauge("twin_hub_mqtt_connected", "1 while connected and subscribed", registry=r)
+        self.queue_depth = Gauge("twin_hub_ingest_queue_messages", "Messages received, not yet committed",
+                                 registry=r)
+
+    def message(self, channel: str) -> None:
+        """Count one received message of ``channel`` (telemetry, status or unknown)."""
+        self.stats.messages += 1
+        if channel == "telemetry":
+            self.stats.telemetry_messages += 1
+        elif channel == "status":
+            self.stats.status_messages += 1
+        self._messages.labels(channel).inc()
+
+    def malformed(self, reason: str) -> None:
+        """Count one rejected message."""
+        self.stats.malformed += 1
+        self.stats.malformed_by_reason[reason] += 1
+        self._malformed.labels(reason).inc()
+
+    def batch(self, seconds: float, readings: int, inserted: int) -> None:
+        """Count one committed batch."""
+        self.stats.batches += 1
+        self.stats.readings_received += readings
+        self.stats.readings_stored += inserted
+        self.stats.duplicates += readings - inserted
+        self._batches.inc()
+        self._batch_seconds.observe(seconds)
+        self._batch_readings.observe(readings)
+        self._readings_received.inc(readings)
+        self._stored.inc(inserted)
+        self._duplicates.inc(readings - inserted)
+
+    def db_error(self) -> None:
+        """Count one failed commit."""
+        self.stats.db_errors += 1
+        self._db_errors.inc()
+
+    def reconnect(self) -> None:
+        """Count one lost MQTT connection."""
+        self.stats.reconnects += 1
+        self._reconnects.inc()
+
+    def acked(self, n: int) -> None:
+        """Count acknowledged messages."""
+        self.stats.acked += n
+
+    def render(self) -> bytes:
+        """Prometheus text exposition."""
+        return generate_latest(self.registry)

@@ -1,0 +1,158 @@
+"""Read side of the database, used by the REST API (the write side is :mod:`hub.store`)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+from tortoise.functions import Count
+
+from hub.db import Database
+from hub.models import Device, Gateway, Reading
+from protocol.ids import device_uid, split_device_uid
+
+
+@dataclass(frozen=True, slots=True)
+class DeviceRow:
+    """A device with the names of its site and gateway."""
+
+    pk: int
+    site: str
+    gateway: str
+    name: str
+    kind: str
+    profile: str
+    first_seen_ms: int
+    last_seen_ms: int | None
+
+    @property
+    def uid(self) -> str:
+        """``site.gateway.device``."""
+        return device_uid(self.site, self.gateway, self.name)
+
+
+@dataclass(frozen=True, slots=True)
+class ReadingRow:
+    """A stored reading, columns as in the database."""
+
+    metric: str
+    ts_ms: int
+    value: float | None
+    value_text: str | None
+    unit: str
+    quality: str
+    seq: int
+
+    @property
+    def typed_value(self) -> float | bool | str | None:
+        """The value as the gateway sent it: number, boolean, string or null (see ``Reading``)."""
+        if self.value_text is None:
+            return self.value
+        if self.value is not None and self.value_text in ("true", "false"):
+            return self.value_text == "true"
+        return self.value_text
+
+
+@dataclass(frozen=True, slots=True)
+class GatewayRow:
+    """A gateway with its site name and number of devices."""
+
+    pk: int
+    site: str
+    name: str
+    state: str
+    state_ts_ms: int | None
+    agent_version: str
+    backlog: int
+    first_seen_ms: int
+    last_seen_ms: int | None
+    devices: int
+
+
+_DEVICE_FIELDS = ("id", "gateway__site__name", "gateway__name", "name", "kind", "profile",
+                  "first_seen_ms", "last_seen_ms")
+_READING_FIELDS = ("metric", "ts_ms", "value", "value_text", "unit", "quality", "seq")
+
+
+def _device(row: dict[str, Any]) -> DeviceRow:
+    return DeviceRow(row["id"], row["gateway__site__name"], row["gateway__name"], row["name"], row["kind"],
+                     row["profile"], row["first_seen_ms"], row["last_seen_ms"])
+
+
+async def list_devices(db: Database, site: str | None = None, gateway: str | None = None) -> list[DeviceRow]:
+    """All devices (optionally of one site / gateway), ordered by uid."""
+    with db.activate():
+        q = Device.all()
+        if site is not None:
+            q = q.filter(gateway__site__name=site)
+        if gateway is not None:
+            q = q.filter(gateway__name=gateway)
+        rows = await q.order_by("gateway__site__name", "gateway__name", "name").values(*_DEVICE_FIELDS)
+    return [_device(r) for r in rows]
+
+
+async def find_device(db: Database, uid: str) -> DeviceRow | None:
+    """The device with uid ``site.gateway.device``; ``None`` if unknown or not a uid."""
+    try:
+        site, gateway, name = split_device_uid(uid)
+    except ValueError:
+        return None
+    with db.activate():
+        rows = await Device.filter(name=name, gateway__name=gateway, gateway__site__name=site).values(
+            *_DEVICE_FIELDS)
+    return _device(rows[0]) if rows else None
+
+
+# Latest row of every metric of one device without scanning its history: the recursive CTE
+# walks the distinct metric names through the (device_id, metric, ts_ms) index ("skip scan"),
+# and for each one the newest row is a single index probe.
+_LATEST_SQL = """
+WITH RECURSIVE m(metric) AS (
+    SELECT MIN(metric) FROM reading WHERE device_id = ?
+    UNION ALL
+    SELECT (SELECT MIN(r.metric) FROM reading r WHERE r.device_id = ? AND r.metric > m.metric)
+    FROM m WHERE m.metric IS NOT NULL
+)
+SELECT r.metric, r.ts_ms, r.value, r.value_text, r.unit, r.quality, r.seq
+FROM m JOIN reading r ON r.id = (
+    SELECT r2.id FROM reading r2 WHERE r2.device_id = ? AND r2.metric = m.metric
+    ORDER BY r2.ts_ms DESC LIMIT 1)
+ORDER BY r.metric
+"""
+
+
+async def latest(db: Database, device_pk: int) -> list[ReadingRow]:
+    """Newest reading (by timestamp) of each metric of a device, ordered by metric."""
+    sql = db.sql(_LATEST_SQL)
+    with db.activate():
+        rows = await db.conn.execute_query_dict(sql, [device_pk, device_pk, device_pk])
+    return [ReadingRow(r["metric"], int(r["ts_ms"]), r["value"], r["value_text"], r["unit"], r["quality"],
+                       int(r["seq"])) for r in rows]
+
+
+async def readings(db: Database, device_pk: int, metric: str | None = None, since_ms: int | None = None,
+                   until_ms: int | None = None, limit: int = 1000) -> list[ReadingRow]:
+    """Readings of a device in ``[since, until)``, oldest first, at most ``limit``."""
+    with db.activate():
+        q = Reading.filter(device_id=device_pk)
+        if metric is not None:
+            q = q.filter(metric=metric)
+        if since_ms is not None:
+            q = q.filter(ts_ms__gte=since_ms)
+        if until_ms is not None:
+            q = q.filter(ts_ms__lt=until_ms)
+        rows = await q.order_by("ts_ms", "seq").limit(limit).values_list(*_READING_FIELDS)
+    return [ReadingRow(*r) for r in rows]
+
+
+async def list_gateways(db: Database) -> list[GatewayRow]:
+    """All gateways with their device counts, ordered by site and name."""
+    with db.activate():
+        rows = await Gateway.all().order_by("site__name", "name").values(
+            "id", "site__name", "name", "state", "state_ts_ms", "agent_version", "backlog",
+            "first_seen_ms", "last_seen_ms")
+        counts = await Device.all().group_by("gateway_id").annotate(n=Count("id")).values("gateway_id", "n")
+    per_gateway = {c["gateway_id"]: c["n"] for c in counts}
+    return [GatewayRow(r["id"], r["site__name"], r["name"], r["state"], r["state_ts_ms"], r["agent_version"],
+                       r["backlog"], r["first_seen_ms"], r["last_seen_ms"], per_gateway.get(r["id"], 0))
+            for r in rows]

@@ -1,0 +1,155 @@
+"""The hub process: database, MQTT ingest and HTTP API in one asyncio event loop.
+
+``twin-hub run`` uses :class:`Hub` through :mod:`hub.cli`; tests run it in-process::
+
+    async with running_hub(config) as hub:
+        httpx.get(f"{hub.api_url}/api/v1/devices")
+        hub.stats.readings_stored
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+from collections.abc import AsyncIterator, Iterator
+
+import uvicorn
+
+from hub.api import ApiContext, create_app
+from hub.config import HubConfig
+from hub.db import Database, redact_url
+from hub.ingest import Ingest
+from hub.metrics import HubMetrics, IngestStats
+from hub.store import Store
+from protocol.logs import get_logger
+
+log = get_logger("hub")
+
+
+class _Server(uvicorn.Server):
+    """uvicorn without its own signal handling.
+
+    ``Server.serve()`` installs SIGINT/SIGTERM handlers and re-raises the signal after shutting
+    down, which would kill the process before the ingest has flushed its batch; the hub's CLI
+    handles the signals and stops the server itself.
+    """
+
+    @contextlib.contextmanager
+    def capture_signals(self) -> Iterator[None]:
+        yield
+
+
+class HubError(RuntimeError):
+    """The hub could not start (database, HTTP port)."""
+
+
+class Hub:
+    """One hub: open the database, start ingest and the API, stop them in order."""
+
+    def __init__(self, config: HubConfig) -> None:
+        self.config = config
+        self.metrics = HubMetrics()
+        self.db = Database(config.database.url)
+        self.store = Store(self.db)
+        self.ingest = Ingest(config.mqtt, config.ingest, self.store, self.metrics)
+        self.port: int | None = None
+        self._server: _Server | None = None
+        self._tasks: list[asyncio.Task[None]] = []
+
+    @property
+    def stats(self) -> IngestStats:
+        """Ingest counters (messages, readings stored, duplicates, malformed, ...)."""
+        return self.metrics.stats
+
+    @property
+    def api_url(self) -> str:
+        """Base URL of the HTTP API, e.g. ``http://127.0.0.1:8000``."""
+        if self.port is None:
+            raise RuntimeError("hub is not started")
+        host = self.config.http.host
+        if host in ("0.0.0.0", "", "::"):
+            host = "127.0.0.1"
+        return f"http://{'[' + host + ']' if ':' in host else host}:{self.port}"
+
+    async def start(self, wait_subscribed: bool = True, ready_within_s: float | None = 15.0) -> None:
+        """Open the database, start HTTP and ingest; with ``wait_subscribed`` return once the
+        MQTT subscription is in place (``ready_within_s=None`` waits as long as the broker is away).
+
+        Logs ``hub_ready`` when DB, HTTP and (if waited for) MQTT are all up.
+        """
+        try:
+            await self.db.open()
+        except Exception as exc:
+            raise HubError(f"cannot open database {redact_url(self.db.url)}: {exc}") from exc
+        self._tasks.append(asyncio.create_task(self.ingest.run(), name="hub-ingest"))
+        app = create_app(ApiContext(db=self.db, status=self.config.status, ingest=self.ingest,
+                                    metrics=self.metrics))
+        self._server = _Server(uvicorn.Config(
+            app, host=self.config.http.host, port=self.config.http.port, log_config=None,
+            access_log=False, lifespan="off", timeout_graceful_shutdown=3))
+        server_task = asyncio.create_task(self._serve(self._server), name="hub-http")
+        self._tasks.append(server_task)
+        while not self._server.started:
+            if server_task.done():
+                await self.stop()
+                server_task.result()  # raises HubError
+            await asyncio.sleep(0.01)
+        sockets = self._server.servers[0].sockets
+        self.port = int(sockets[0].getsockname()[1])
+        if wait_subscribed:
+            try:
+                await asyncio.wait_for(self.ingest.subscribed.wait(), ready_within_s)
+            except TimeoutError:
+                await self.stop()
+                raise HubError(f"no MQTT subscription at {self.config.mqtt.host}:{self.config.mqtt.port} "
+                               f"after {ready_within_s}s: {self.ingest.last_error}") from None
+        log.info("hub_ready", api=self.api_url, db=redact_url(self.db.url), mqtt_subscribed=wait_subscribed,
+                 broker=f"{self.config.mqtt.host}:{self.config.mqtt.port}",
+                 share_group=self.config.mqtt.share_group)
+
+    @staticmethod
+    async def _serve(server: _Server) -> None:
+        try:
+            await server.serve()
+        except SystemExit:  # uvicorn exits the process when it cannot bind; make it an error
+            raise HubError(f"HTTP server could not start on {server.config.host}:{server.config.port} "
+                           "(port in use?)") from None
+
+    async def wait(self) -> None:
+        """Return when a component stopped on its own (which is a failure); re-raises its error."""
+        if not self._tasks:
+            return
+        done, _ = await asyncio.wait(self._tasks, return_when=asyncio.FIRST_COMPLETED)
+        for task in done:
+            task.result()
+
+    async def stop(self, drain_s: float = 5.0) -> None:
+        """Graceful stop: commit and acknowledge what was received, disconnect MQTT, stop HTTP,
+        close the database; the drain of received messages is bounded by ``drain_s``."""
+        await self.ingest.stop(drain_s)
+        if self._server is not None:
+            self._server.should_exit = True
+        for task in self._tasks:
+            try:
+                await asyncio.wait_for(asyncio.shield(task), drain_s + 2)
+            except TimeoutError:
+                task.cancel()
+                with contextlib.suppress(asyncio.CancelledError, Exception):
+                    await task
+            except Exception as exc:  # already reported by wait(); keep stopping the rest
+                log.debug("task_failed", task=task.get_name(), error=str(exc))
+        self._tasks.clear()
+        await self.db.close()
+        log.info("hub_stopped", **{k: v for k, v in self.stats.as_dict().items() if isinstance(v, int)})
+
+
+@contextlib.asynccontextmanager
+async def running_hub(config: HubConfig, wait_subscribed: bool = True,
+                      ready_within_s: float = 15.0) -> AsyncIterator[Hub]:
+    """Start a :class:`Hub` for the duration of the ``async with`` block (tests, benchmarks)."""
+    hub = Hub(config)
+    await hub.start(wait_subscribed=wait_subscribed, ready_within_s=ready_within_s)
+    try:
+        yield hub
+    finally:
+        await hub.stop()

@@ -1,0 +1,264 @@
+"""Batch writer: validated telemetry and status messages into the database, one transaction each.
+
+Readings are inserted with ``INSERT ... ON CONFLICT (device_id, seq) DO NOTHING`` so a batch that
+the broker redelivers (QoS 1 is at-least-once) or that a retry writes twice is stored once. The
+insert goes through the Tortoise connection as one parametrised statement per batch instead of
+``Reading.bulk_create``: building a model object per reading costs more than the whole SQLite
+insert (see ``docs/hub.md``, "Performance").
+
+Sites, gateways and devices are created on first sight and their ids cached, so the hot path
+does no per-reading lookups.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+from tortoise.exceptions import IntegrityError
+from tortoise.transactions import in_transaction
+
+from hub.db import Database
+from hub.models import Device, Gateway, Site
+from protocol.logs import get_logger
+from protocol.schema import DeviceInfoV1, StatusV1, TelemetryV1
+
+log = get_logger("hub.store")
+
+Row = tuple[int, str, int, int, float | None, str | None, str, str]
+"""(device_id, metric, seq, ts_ms, value, value_text, unit, quality) as inserted."""
+
+_COLUMNS = "device_id, metric, seq, ts_ms, value, value_text, unit, quality"
+
+# SQLite: one statement over a JSON array of rows. Compared with executemany this binds a single
+# parameter, and the statement's change count tells how many rows were new (duplicates are not).
+_INSERT_SQLITE = (
+    f"INSERT INTO reading ({_COLUMNS}) "
+    "SELECT j.value ->> 0, j.value ->> 1, j.value ->> 2, j.value ->> 3, j.value ->> 4, "
+    "j.value ->> 5, j.value ->> 6, j.value ->> 7 FROM json_each(?) AS j WHERE true "
+    # "WHERE true" resolves SQLite's parsing ambiguity between INSERT...SELECT and ON CONFLICT.
+    "ON CONFLICT (device_id, seq) DO NOTHING"
+)
+# PostgreSQL: one statement over column arrays. The count comes from RETURNING wrapped in a CTE
+# (Tortoise's asyncpg client reads the OID, not the row count, from an INSERT command tag).
+_INSERT_POSTGRES = (
+    "WITH ins AS ("
+    f"INSERT INTO reading ({_COLUMNS}) "
+    "SELECT * FROM unnest($1::int[], $2::varchar[], $3::bigint[], $4::bigint[], "
+    "$5::float8[], $6::text[], $7::varchar[], $8::varchar[]) "
+    "ON CONFLICT (device_id, seq) DO NOTHING RETURNING 1"
+    ") SELECT count(*) AS n FROM ins"
+)
+
+
+@dataclass(slots=True)
+class TelemetryItem:
+    """A validated telemetry message and when the hub received it (hub clock, ms)."""
+
+    telemetry: TelemetryV1
+    received_ms: int
+
+
+@dataclass(slots=True)
+class StatusItem:
+    """A validated gateway status message and when the hub received it (hub clock, ms)."""
+
+    status: StatusV1
+    received_ms: int
+
+
+@dataclass(slots=True)
+class WriteResult:
+    """What one committed batch did."""
+
+    readings: int = 0
+    inserted: int = 0
+    statuses: int = 0
+
+    @property
+    def duplicates(self) -> int:
+        """Readings that were already stored (redelivery or retry)."""
+        return self.readings - self.inserted
+
+
+def convert_value(value: Any) -> tuple[float | None, str | None]:
+    """Map a protocol value to the ``(value, value_text)`` columns.
+
+    Numbers go to ``value``; booleans to 1.0/0.0 plus ``"true"``/``"false"`` so they can be given
+    back as booleans; strings to ``value_text``. Non-finite floats (JSON ``NaN``/``Infinity``)
+    are kept as text because SQLite turns NaN into NULL and JSON responses cannot carry them.
+    """
+    if value is None:
+        return None, None
+    if value is True:
+        return 1.0, "true"
+    if value is False:
+        return 0.0, "false"
+    if isinstance(value, int | float):
+        f = float(value)
+        if math.isfinite(f):
+            return f, None
+        return None, "nan" if math.isnan(f) else ("inf" if f > 0 else "-inf")
+    return None, str(value)
+
+
+@dataclass
+class _Caches:
+    sites: dict[str, int] = field(default_factory=dict)
+    gateways: dict[tuple[str, str], int] = field(default_factory=dict)
+    # (site, gateway, device) -> (device id, kind, profile)
+    devices: dict[tuple[str, str, str], tuple[int, str, str]] = field(default_factory=dict)
+
+
+class Store:
+    """Writes batches for one :class:`~hub.db.Database`. One writer task per store."""
+
+    def __init__(self, db: Database) -> None:
+        self.db = db
+        self._cache = _Caches()
+
+    def forget_cache(self) -> None:
+        """Drop cached ids (after the database was replaced or rows deleted behind our back)."""
+        self._cache = _Caches()
+
+    # -- entities ---------------------------------------------------------------------------
+
+    async def _site_id(self, site: str, now_ms: int) -> int:
+        sid = self._cache.sites.get(site)
+        if sid is None:
+            obj = await Site.get_or_none(name=site)
+            if obj is None:
+                try:
+                    obj = await Site.create(name=site, first_seen_ms=now_ms)
+                    log.info("site_new", site=site)
+                except IntegrityError:  # another hub created it a moment ago
+                    obj = await Site.get(name=site)
+            sid = self._cache.sites[site] = obj.id
+        return sid
+
+    async def _gateway_id(self, site: str, gateway: str, now_ms: int) -> int:
+        key = (site, gateway)
+        gid = self._cache.gateways.get(key)
+        if gid is None:
+            sid = await self._site_id(site, now_ms)
+            obj = await Gateway.get_or_none(site_id=sid, name=gateway)
+            if obj is None:
+                try:
+                    obj = await Gateway.create(site_id=sid, name=gateway, first_seen_ms=now_ms)
+                    log.info("gateway_new", site=site, gateway=gateway)
+                except IntegrityError:
+                    obj = await Gateway.get(site_id=sid, name=gateway)
+            gid = self._cache.gateways[key] = obj.id
+        return gid
+
+    async def _device_id(self, site: str, gateway: str, device: str, info: DeviceInfoV1,
+                         now_ms: int) -> int:
+        key = (site, gateway, device)
+        kind, profile = info.kind.value, info.profile
+        cached = self._cache.devices.get(key)
+        if cached is not None and cached[1] == kind and cached[2] == profile:
+            return cached[0]
+        gid = await self._gateway_id(site, gateway, now_ms)
+        obj = await Device.get_or_none(gateway_id=gid, name=device)
+        if obj is None:
+            try:
+                obj = await Device.create(gateway_id=gid, name=device, kind=kind, profile=profile,
+                                          first_seen_ms=now_ms)
+                log.info("device_new", site=site, gateway=gateway, device=device, kind=kind)
+            except IntegrityError:
+                obj = await Device.get(gateway_id=gid, name=device)
+        if obj.kind != kind or obj.profile != profile:
+            # A gateway re-configured the device (new profile); the newest declaration wins.
+            await Device.filter(id=obj.id).update(kind=kind, profile=profile)
+            log.info("device_changed", site=site, gateway=gateway, device=device, kind=kind,
+                     profile=profile)
+        self._cache.devices[key] = (obj.id, kind, profile)
+        return obj.id
+
+    async def device_ids(self, site: str, gateway: str, devices: dict[str, DeviceInfoV1],
+                         now_ms: int) -> dict[str, int]:
+        """Ids of ``devices`` of one gateway, creating site, gateway and devices as needed."""
+        with self.db.activate():
+            return {name: await self._device_id(site, gateway, name, info, now_ms)
+                    for name, info in devices.items()}
+
+    # -- batches ----------------------------------------------------------------------------
+
+    async def write(self, telemetry: Sequence[TelemetryItem],
+                    statuses: Sequence[StatusItem] = ()) -> WriteResult:
+        """Store a batch in one transaction; returns how many readings were new.
+
+        Raises the driver's exception when the database fails; nothing of the batch is then
+        committed and the caller may simply call again with the same batch.
+        """
+        with self.db.activate():
+            return await self._write(telemetry, statuses)
+
+    async def _write(self, telemetry: Sequence[TelemetryItem], statuses: Sequence[StatusItem]) -> WriteResult:
+        result = WriteResult(statuses=len(statuses))
+        rows: list[Row] = []
+        # device id -> newest reading ts (capped at arrival time); gateway id -> (seen, backlog)
+        device_seen: dict[int, int] = {}
+        gateway_seen: dict[int, tuple[int, int]] = {}
+        for item in telemetry:
+            t = item.telemetry
+            ids = await self.device_ids(t.site, t.gateway, t.devices, item.received_ms)
+            gid = self._cache.gateways[(t.site, t.gateway)]
+            prev = gateway_seen.get(gid)
+            if prev is None or item.received_ms >= prev[0]:
+                gateway_seen[gid] = (item.received_ms, t.backlog)
+            newest: dict[int, int] = {}
+            append = rows.append
+            for r in t.readings:
+                did = ids[r.device]
+                value, text = convert_value(r.value)
+                append((did, r.metric, r.seq, r.ts, value, text, r.unit, r.quality.value))
+                if r.ts > newest.get(did, -1):
+                    newest[did] = r.ts
+            for did, ts in newest.items():
+                seen = min(ts, item.received_ms)
+                if seen > device_seen.get(did, -1):
+                    device_seen[did] = seen
+        status_rows = []
+        for s_item in statuses:
+            s = s_item.status
+            gid = await self._gateway_id(s.site, s.gateway, s_item.received_ms)
+            if s.devices:
+                await self.device_ids(s.site, s.gateway, s.devices, s_item.received_ms)
+            status_rows.append([s.state.value, s.ts, s.agent_version, s.backlog, gid])
+        result.readings = len(rows)
+
+        sql = self.db.sql
+        async with in_transaction(self.db.connection_name) as conn:
+            if rows:
+                result.inserted = await self._insert(conn, rows)
+            if device_seen:
+                await conn.execute_many(sql(
+                    "UPDATE device SET last_seen_ms = ? WHERE id = ? "
+                    "AND (last_seen_ms IS NULL OR last_seen_ms < ?)"),
+                    [[seen, did, seen] for did, seen in device_seen.items()])
+            if gateway_seen:
+                await conn.execute_many(sql(
+                    "UPDATE gateway SET last_seen_ms = ?, backlog = ? WHERE id = ? "
+                    "AND (last_seen_ms IS NULL OR last_seen_ms <= ?)"),
+                    [[seen, backlog, gid, seen] for gid, (seen, backlog) in gateway_seen.items()])
+            if status_rows:
+                # Applied in arrival order, not by the message's ts: a Last Will is composed when
+                # the gateway connects, so it carries an older ts than the "online" it overrides.
+                await conn.execute_many(sql(
+                    "UPDATE gateway SET state = ?, state_ts_ms = ?, agent_version = ?, backlog = ? "
+                    "WHERE id = ?"), status_rows)
+        return result
+
+    async def _insert(self, conn: Any, rows: list[Row]) -> int:
+        if self.db.dialect == "postgres":
+            cols = list(zip(*rows, strict=True))
+            _, res = await conn.execute_query(_INSERT_POSTGRES, [list(c) for c in cols])
+            return int(res[0]["n"])
+        # Tortoise's SQLite execute_query reports the statement's change count.
+        payload = json.dumps(rows, separators=(",", ":"), allow_nan=False)
+        n, _ = await conn.execute_query(_INSERT_SQLITE, [payload])
+        return int(n)
