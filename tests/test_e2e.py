@@ -27,6 +27,16 @@ from fleet.procs import ReadyProcess
 KINDS = {"boiler-1": "boiler", "boiler-2": "boiler", "meter-1": "meter", "meter-2": "meter"}
 
 
+def prometheus_values(text: str) -> dict[str, float]:
+    """Sample name (with labels) → value from the Prometheus text format."""
+    out = {}
+    for line in text.splitlines():
+        if line and not line.startswith("#"):
+            name, _, value = line.rpartition(" ")
+            out[name] = float(value)
+    return out
+
+
 def load_truth(path: Path) -> dict[str, list[tuple[int, dict[str, Any]]]]:
     truth: dict[str, list[tuple[int, dict[str, Any]]]] = {}
     for line in path.read_text().splitlines():
@@ -66,8 +76,9 @@ def run_fleet_and_check(mosquitto: Mosquitto, work: Path, database_url: str) -> 
         procs.append(hub.start(timeout=60))
         api = hub.ready["api"]
 
+        edge_metrics_port = free_port()
         edge_cfg = write_edge_config(work / "edge.toml", site="site-1", gateway="gw-1", mqtt_port=mosquitto.port,
-                                     devices=devices, poll_interval_s=0.25,
+                                     devices=devices, poll_interval_s=0.25, metrics_port=edge_metrics_port,
                                      mqtt={"batch_max_delay_ms": 50})
         edge = ReadyProcess.python("twin-edge", "edge.cli", "run", "--config", str(edge_cfg),
                                    log_path=work / "edge.log")
@@ -87,6 +98,11 @@ def run_fleet_and_check(mosquitto: Mosquitto, work: Path, database_url: str) -> 
                 time.sleep(0.3)
             else:
                 pytest.fail(f"hub did not get data for 4 devices in 30 s; edge log:\n{edge.log_tail()}")
+
+            edge_metrics = prometheus_values(httpx.get(f"http://127.0.0.1:{edge_metrics_port}/metrics").text)
+            assert edge_metrics["twin_edge_published_readings_total"] > 0
+            assert edge_metrics["twin_edge_mqtt_connected"] == 1
+            assert edge_metrics['twin_edge_polls_total{device="boiler-1",outcome="ok"}'] >= 10
 
             assert edge.stop() == 0  # SIGTERM: commits what it captured, announces offline
             assert sim.stop() == 0
@@ -110,10 +126,12 @@ def run_fleet_and_check(mosquitto: Mosquitto, work: Path, database_url: str) -> 
             buffer_db.close()
 
             checked = 0
+            stored = 0
             for uid in devs:
                 name = uid.split(".")[2]
                 readings = client.get(f"/api/v1/devices/{uid}/readings", params={"limit": 10000}).json()
                 seqs = [r["seq"] for r in readings]
+                stored += len(seqs)
                 assert len(seqs) == len(set(seqs)), f"{uid}: duplicated sequence numbers at the hub"
                 # Nothing lost: every committed seq is at the hub or still in the edge buffer.
                 assert set(seqs) | waiting[name] == set(range(1, last_seq[name] + 1)), f"{uid}: lost readings"
@@ -136,6 +154,9 @@ def run_fleet_and_check(mosquitto: Mosquitto, work: Path, database_url: str) -> 
                     got = latest_by_metric[metric]
                     assert (got["value"], got["seq"]) == (r["value"], r["seq"])
             assert checked > 300
+            hub_metrics = prometheus_values(client.get("/metrics").text)
+            assert hub_metrics["twin_hub_readings_stored_total"] == stored
+            assert hub_metrics.get('twin_hub_malformed_messages_total{reason="invalid"}', 0) == 0
 
             # The meters started 4 Wh below the 32-bit rollover: the hub sees the counter wrap.
             for meter in ("meter-1", "meter-2"):
