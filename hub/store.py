@@ -13,7 +13,6 @@ does no per-reading lookups.
 from __future__ import annotations
 
 import json
-import math
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any
@@ -88,8 +87,7 @@ def convert_value(value: Any) -> tuple[float | None, str | None]:
     """Map a protocol value to the ``(value, value_text)`` columns.
 
     Numbers go to ``value``; booleans to 1.0/0.0 plus ``"true"``/``"false"`` so they can be given
-    back as booleans; strings to ``value_text``. Non-finite floats (JSON ``NaN``/``Infinity``)
-    are kept as text because SQLite turns NaN into NULL and JSON responses cannot carry them.
+    back as booleans; strings to ``value_text``. (The schema refuses NaN and infinities.)
     """
     if value is None:
         return None, None
@@ -98,10 +96,7 @@ def convert_value(value: Any) -> tuple[float | None, str | None]:
     if value is False:
         return 0.0, "false"
     if isinstance(value, int | float):
-        f = float(value)
-        if math.isfinite(f):
-            return f, None
-        return None, "nan" if math.isnan(f) else ("inf" if f > 0 else "-inf")
+        return float(value), None
     return None, str(value)
 
 

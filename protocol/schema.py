@@ -43,7 +43,10 @@ class GatewayState(StrEnum):
     OFFLINE = "offline"
 
 
-Value = float | int | bool | str | None
+FiniteFloat = Annotated[float, Field(allow_inf_nan=False)]
+Value = FiniteFloat | int | bool | str | None
+"""A reading's value. NaN and infinities are refused: a device answer that decodes to one is a
+bad read (quality ``bad``, value null), not a number to store."""
 TimestampMs = Annotated[int, Field(ge=0, lt=2**53)]
 """Milliseconds since the Unix epoch, UTC. Integers keep timestamps exact across JSON."""
 

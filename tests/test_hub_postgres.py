@@ -41,7 +41,6 @@ from tests.test_hub_store import (  # noqa: F401 - collected here with the Postg
     test_last_seen_and_gateway_status,
     test_latest_and_readings_queries,
     test_latest_of_device_without_readings_is_empty,
-    test_nan_value_is_kept_as_text,
     test_same_device_name_on_two_gateways_are_two_devices,
 )
 

@@ -3,7 +3,6 @@
 
 from __future__ import annotations
 
-import math
 from collections.abc import AsyncIterator
 from pathlib import Path
 
@@ -13,8 +12,8 @@ from hub import queries
 from hub.db import Database
 from hub.models import Device, Gateway, Reading, Site
 from hub.store import StatusItem, Store, TelemetryItem, convert_value
-from protocol.schema import GatewayState, StatusV1
-from tests.hubtools import T0, series, telemetry
+from protocol.schema import GatewayState, SchemaError, StatusV1, decode_telemetry
+from tests.hubtools import T0, series, telemetry, telemetry_payload
 
 RECEIVED = T0 + 60_000  # when the hub "received" the test batches (after every reading ts)
 
@@ -212,19 +211,14 @@ def test_convert_value() -> None:
     assert convert_value(False) == (0.0, "false")
     assert convert_value("on") == (None, "on")
     assert convert_value(None) == (None, None)
-    assert convert_value(math.nan) == (None, "nan")
-    assert convert_value(-math.inf) == (None, "-inf")
 
 
-async def test_nan_value_is_kept_as_text(db: Database) -> None:
-    t = telemetry("s1", "gw1", [("b1", "t", 1, T0, 1.0, "", "good")])
-    nan_reading = t.readings[0].model_copy(update={"value": math.nan})
-    t = t.model_copy(update={"readings": [nan_reading]})
-    await Store(db).write([TelemetryItem(t, RECEIVED)])
-    dev = await queries.find_device(db, "s1.gw1.b1")
-    assert dev is not None
-    (row,) = await queries.readings(db, dev.pk)
-    assert (row.value, row.typed_value) == (None, "nan")
+def test_non_finite_values_are_refused_by_the_schema() -> None:
+    for bad in ("NaN", "Infinity", "-Infinity"):
+        good = telemetry_payload("s1", "gw1", [("b1", "t", 1, T0, 1.0, "", "good")])
+        raw = good.replace(b":1.0,", f":{bad},".encode())
+        with pytest.raises(SchemaError, match=r"readings\.0\.value"):
+            decode_telemetry(raw)
 
 
 async def test_find_device_rejects_non_uids(db: Database) -> None:
