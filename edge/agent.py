@@ -6,6 +6,7 @@ import asyncio
 import contextlib
 import json
 import signal
+import sqlite3
 import sys
 
 from edge import __version__
@@ -19,6 +20,10 @@ from protocol.logs import get_logger
 from protocol.profile import DeviceProfile
 
 log = get_logger("edge.agent")
+
+
+class AgentStartError(RuntimeError):
+    """The agent cannot start (buffer file unusable, metrics port taken); the message says why."""
 
 
 class EdgeAgent:
@@ -52,10 +57,18 @@ class EdgeAgent:
 
     async def run(self) -> None:
         """Run until :meth:`stop`; then stop polling, commit what was captured, say goodbye."""
-        await self.buffer.open()
-        await self.buffer.register_devices(self.devices)
+        try:
+            await self.buffer.open()
+            await self.buffer.register_devices(self.devices)
+        except (OSError, sqlite3.Error) as exc:
+            raise AgentStartError(f"cannot open the buffer {self.cfg.buffer.path}: {exc}") from exc
         if self.cfg.metrics.port:
-            self.metrics.serve(self.cfg.metrics.host, self.cfg.metrics.port)
+            try:
+                self.metrics.serve(self.cfg.metrics.host, self.cfg.metrics.port)
+            except OSError as exc:
+                await self.buffer.close()
+                raise AgentStartError(f"metrics exporter cannot listen on {self.cfg.metrics.host}:"
+                                      f"{self.cfg.metrics.port}: {exc.strerror or exc}") from exc
         writer = asyncio.create_task(self.buffer.run_writer(), name="buffer-writer")
         uplink = asyncio.create_task(self.uplink.run(), name="uplink")
         polls = [asyncio.create_task(p.run(), name=f"poll-{p.name}") for p in self.pollers]

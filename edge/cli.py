@@ -6,7 +6,7 @@ import argparse
 import asyncio
 import sys
 
-from edge.agent import run_agent
+from edge.agent import AgentStartError, run_agent
 from edge.config import load_config
 from protocol.logs import configure_logging
 from protocol.tomlconfig import ConfigError
@@ -34,7 +34,11 @@ def main(argv: list[str] | None = None) -> int:
               f"{len(cfg.devices)} device(s), buffer {cfg.buffer.path}")
         return 0
     configure_logging(cfg.log_level)
-    asyncio.run(run_agent(cfg, profiles))
+    try:
+        asyncio.run(run_agent(cfg, profiles))
+    except AgentStartError as exc:
+        print(f"twin-edge: {exc}", file=sys.stderr)
+        return 1
     return 0
 
 

@@ -2,7 +2,8 @@
 
 2 simulated boilers + 2 meters (Modbus TCP) → one edge agent → a private Mosquitto → the hub
 (SQLite) with its REST API. Ctrl-C, or SIGTERM to the process group, stops everything within
-10 s. Ports: ``HUB_PORT`` (default 8000), ``MQTT_PORT`` (1883), ``SIM_BASE_PORT`` (5020).
+10 s. Ports: ``HUB_PORT`` (default 8000), ``MQTT_PORT`` (1883), ``SIM_BASE_PORT`` (5020),
+``EDGE_METRICS_PORT`` (9108).
 """
 
 from __future__ import annotations
@@ -75,14 +76,22 @@ def main(argv: list[str] | None = None) -> int:
         hub = ReadyProcess.python("twin-hub", "hub.cli", "run", "--config", str(hub_cfg), log_path=logs / "hub.log")
         children.append(hub.start(timeout=60))
 
+        metrics_port = _port("EDGE_METRICS_PORT", 9108)
+        if port_open("127.0.0.1", metrics_port):
+            print(f"demo: port {metrics_port} is taken, the edge agent's metrics exporter is off "
+                  "(set EDGE_METRICS_PORT)", file=sys.stderr)
+            metrics_port = 0
         edge_cfg = write_edge_config(work / "edge.toml", site="site-1", gateway="gw-1", mqtt_port=mqtt_port,
-                                     devices=devices, poll_interval_s=args.poll_interval, metrics_port=0)
+                                     devices=devices, poll_interval_s=args.poll_interval,
+                                     metrics_port=metrics_port)
         edge = ReadyProcess.python("twin-edge", "edge.cli", "run", "--config", str(edge_cfg),
                                    log_path=logs / "edge.log")
         children.append(edge.start())
         print(f"edge agent site-1/gw-1 polling {len(devices)} devices every {args.poll_interval:g}s", flush=True)
         api = f"http://127.0.0.1:{hub_port}"
+        edge_metrics = f"http://127.0.0.1:{metrics_port}/metrics" if metrics_port else "off"
         print(f"\nHub API:   {api}/api/v1/devices\nAPI docs:  {api}/docs\n"
+              f"Metrics:   {api}/metrics (hub), {edge_metrics} (edge)\n"
               f"Logs:      {logs}\nPress Ctrl-C to stop.\n", flush=True)
         while not stopping.wait(0.5):
             for child in children:

@@ -33,7 +33,9 @@ def group_members(pgid: int) -> list[psutil.Process]:
 def test_demo_runs_fleet_and_stops_cleanly_on_sigterm(tmp_path: Path) -> None:
     find_mosquitto()  # a missing broker is a setup failure, not a demo failure
     hub_port, mqtt_port, sim_port = free_port(), free_port(), free_port()
-    env = {**os.environ, "HUB_PORT": str(hub_port), "MQTT_PORT": str(mqtt_port), "SIM_BASE_PORT": str(sim_port)}
+    metrics_port = free_port()
+    env = {**os.environ, "HUB_PORT": str(hub_port), "MQTT_PORT": str(mqtt_port), "SIM_BASE_PORT": str(sim_port),
+           "EDGE_METRICS_PORT": str(metrics_port)}
     out = open(tmp_path / "demo.out", "wb")  # noqa: SIM115
     proc = subprocess.Popen([sys.executable, "-m", "fleet.demo", "--workdir", str(tmp_path / "demo")],
                             cwd=ROOT, env=env, stdout=out, stderr=subprocess.STDOUT, start_new_session=True)
@@ -57,6 +59,8 @@ def test_demo_runs_fleet_and_stops_cleanly_on_sigterm(tmp_path: Path) -> None:
         latest = httpx.get(f"{api}/api/v1/devices/site-1.gw-1.boiler-1/latest", timeout=5).json()
         assert 0.5 < latest["metrics"]["pressure"]["value"] < 3.0
         assert len(group_members(pgid)) >= 5  # demo, broker, simulators, hub, edge
+        edge_metrics = httpx.get(f"http://127.0.0.1:{metrics_port}/metrics", timeout=5).text
+        assert "twin_edge_published_readings_total" in edge_metrics
 
         t0 = time.monotonic()
         os.killpg(pgid, signal.SIGTERM)

@@ -91,3 +91,24 @@ def test_profile_file_errors(tmp_path: Path) -> None:
         load_profile(write(tmp_path, base + 'unit = "furlong"\n', "unit.toml"))
     with pytest.raises(ConfigError, match="'string' point needs 'length'"):
         load_profile(write(tmp_path, base.replace('"uint32"', '"string"'), "str.toml"))
+
+
+def test_agent_start_errors_are_clear(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    import socket
+
+    taken = socket.socket()
+    taken.bind(("127.0.0.1", 0))
+    taken.listen(1)
+    port = taken.getsockname()[1]
+    cfg = write(tmp_path, GOOD.replace("[[devices]]", f"[metrics]\nport = {port}\n\n[[devices]]"))
+    try:
+        assert edge_cli(["run", "--config", str(cfg)]) == 1
+    finally:
+        taken.close()
+    assert f"metrics exporter cannot listen on 127.0.0.1:{port}" in capsys.readouterr().err
+
+    blocked = tmp_path / "file-not-dir"
+    blocked.write_text("")
+    cfg = write(tmp_path, GOOD.replace("[[devices]]", f'[buffer]\npath = "{blocked}/buf.db"\n\n[[devices]]'), "b.toml")
+    assert edge_cli(["run", "--config", str(cfg)]) == 1
+    assert "cannot open the buffer" in capsys.readouterr().err
