@@ -35,6 +35,9 @@ T = TypeVar("T")
 SCHEMA_VERSION = 1
 _QUALITY_CODE = {"good": 0, "bad": 1, "stale": 2}
 _QUALITY_NAME = {v: k for k, v in _QUALITY_CODE.items()}
+# SQLite has no boolean type; a flag next to the quality code keeps `true` from arriving at the
+# hub as the number 1.
+_BOOL_FLAG = 8
 
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value TEXT NOT NULL);
@@ -231,8 +234,11 @@ class ReadingBuffer:
                     sid = new_series[key] = int(cur.lastrowid or 0)
                 seq = seqs.get(r.device, 0) + 1
                 seqs[r.device] = seq
-                value = int(r.value) if isinstance(r.value, bool) else r.value
-                rows.append((sid, seq, r.ts_ms, value, _QUALITY_CODE[r.quality]))
+                q = _QUALITY_CODE[r.quality]
+                if isinstance(r.value, bool):
+                    rows.append((sid, seq, r.ts_ms, int(r.value), q | _BOOL_FLAG))
+                else:
+                    rows.append((sid, seq, r.ts_ms, r.value, q))
             db.executemany("INSERT INTO readings (series, seq, ts, value, quality) VALUES (?, ?, ?, ?, ?)", rows)
             changed = {d: s for d, s in seqs.items() if self._last_seq.get(d) != s}
             db.executemany(
@@ -265,6 +271,8 @@ class ReadingBuffer:
         series = self._series_by_id
         for rid, sid, seq, ts, value, q in cur:
             dev, metric, unit = series[sid]
+            if q & _BOOL_FLAG:
+                value, q = bool(value), q & ~_BOOL_FLAG
             out.append(StoredReading(rid, dev, metric, seq, ts, value, unit, _QUALITY_NAME[q]))
         return out
 

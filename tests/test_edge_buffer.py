@@ -71,7 +71,8 @@ async def test_values_of_every_kind_and_quality(tmp_path: Path) -> None:
     ])
     await buf.flush()
     got = [(r.metric, r.value, r.unit, r.quality) for r in await buf.fetch(0, 10)]
-    assert got == [("burner_on", 1, "", "good"), ("starts", 123456789012, "", "good"),
+    assert type(got[0][1]) is bool and type(got[1][1]) is int  # True == 1 alone would not tell
+    assert got == [("burner_on", True, "", "good"), ("starts", 123456789012, "", "good"),
                    ("pressure", None, "bar", "bad"), ("model", "SB-24", "", "good")]
     assert buf.device_info("meter-1") == ("meter", "sim-meter")
     await buf.close()
