@@ -12,7 +12,7 @@ import sys
 from edge import __version__
 from edge.buffer import ReadingBuffer
 from edge.config import EdgeConfig
-from edge.drivers.modbus import ModbusDriver
+from edge.drivers.registry import build_drivers, point_intervals
 from edge.metrics import EdgeMetrics
 from edge.poller import DevicePoller
 from edge.uplink import Uplink
@@ -38,9 +38,10 @@ class EdgeAgent:
         self.buffer.on_commit = self.metrics.committed.inc
         self.devices = {d.name: (profiles[d.name].profile.kind.value, profiles[d.name].name) for d in cfg.devices}
         self.uplink = Uplink(cfg, self.buffer, self.devices, self.metrics)
+        drivers = build_drivers(cfg, profiles)
         self.pollers = [
-            DevicePoller(d.name, ModbusDriver.tcp(d.host, d.port, d.unit_id, profiles[d.name], d.timeout_s, d.points),
-                         profiles[d.name], d.poll_interval_s, d.backoff_max_s, self.buffer, self.metrics)
+            DevicePoller(d.name, drivers[d.name], d.poll_interval_s, d.backoff_max_s, self.buffer, self.metrics,
+                         point_intervals(profiles[d.name]))
             for d in cfg.devices
         ]
         self._stop = asyncio.Event()

@@ -28,6 +28,7 @@ from typing import TypeVar
 
 from edge.reading import Reading, StoredReading
 from protocol.logs import get_logger
+from protocol.schema import Value
 
 log = get_logger("edge.buffer")
 T = TypeVar("T")
@@ -223,7 +224,7 @@ class ReadingBuffer:
         assert db is not None
         seqs = dict(self._last_seq)
         new_series: dict[tuple[str, str, str], int] = {}
-        rows = []
+        rows: list[tuple[int, int, int, Value, int]] = []
         db.execute("BEGIN IMMEDIATE")
         try:
             for r in batch:

@@ -8,7 +8,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Annotated, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, model_validator
+from pydantic import BaseModel, ConfigDict, Discriminator, Field, Tag, model_validator
 
 from protocol.ids import Name
 from protocol.profile import DeviceProfile, resolve_profile
@@ -68,26 +68,92 @@ class MetricsSection(_Section):
     """0 disables the exporter."""
 
 
-class TcpDeviceConfig(_Section):
-    """A Modbus TCP device."""
+class SerialPortConfig(_Section):
+    """A serial line (RS-485 bus for Modbus RTU, or an optical head for IEC 62056-21)."""
 
     name: Name
-    transport: Literal["tcp"] = "tcp"
+    device: str
+    """OS path of the port, e.g. ``/dev/ttyUSB0`` or ``/dev/serial/by-id/...``."""
+    baudrate: Literal[300, 600, 1200, 2400, 4800, 9600, 19200, 38400, 57600, 115200] = 19200
+    """Modbus RTU: the line speed. IEC 62056-21: the highest speed to accept when the meter
+    offers to switch (the sign-on itself is always 300 baud 7E1, as the standard says)."""
+    parity: Literal["N", "E", "O"] = "E"
+    stopbits: Literal[1, 2] = 1
+    bytesize: Literal[7, 8] = 8
+    timeout_s: Annotated[float, Field(gt=0, le=60)] = 0.5
+    """How long to wait for an answer before counting a timeout."""
+    inter_frame_ms: Annotated[float, Field(ge=0, le=1000)] | None = None
+    """Silence kept between the end of one frame and the next request. Default: 3.5 character
+    times, and 1.75 ms above 19200 baud, as the Modbus RTU specification requires."""
+
+    @property
+    def char_bits(self) -> int:
+        """Bits on the wire per character: start + data + parity + stop."""
+        return 1 + self.bytesize + (0 if self.parity == "N" else 1) + self.stopbits
+
+    @property
+    def inter_frame_s(self) -> float:
+        """The silence between frames, in seconds."""
+        if self.inter_frame_ms is not None:
+            return self.inter_frame_ms / 1000
+        return 0.00175 if self.baudrate > 19200 else 3.5 * self.char_bits / self.baudrate
+
+
+class _DeviceBase(_Section):
+    name: Name
     profile: str
     """Built-in profile name (e.g. ``sim-boiler``) or a path to a profile ``.toml`` file
     (relative paths are relative to the config file)."""
-    host: str
-    port: Annotated[int, Field(ge=1, le=65535)] = 502
-    unit_id: Annotated[int, Field(ge=0, le=255)] = 1
     poll_interval_s: Annotated[float, Field(ge=0.005, le=86_400)] = 5.0
-    timeout_s: Annotated[float, Field(gt=0, le=60)] = 1.0
     backoff_max_s: Seconds = 60.0
     """Upper bound of the exponential back-off after failed polls."""
     points: list[Name] | None = None
     """Only poll these points of the profile (default: all)."""
 
 
-DeviceConfig = TcpDeviceConfig
+class TcpDeviceConfig(_DeviceBase):
+    """A Modbus TCP device."""
+
+    transport: Literal["tcp"] = "tcp"
+    host: str
+    port: Annotated[int, Field(ge=1, le=65535)] = 502
+    unit_id: Annotated[int, Field(ge=0, le=255)] = 1
+    timeout_s: Annotated[float, Field(gt=0, le=60)] = 1.0
+
+
+class RtuDeviceConfig(_DeviceBase):
+    """A Modbus RTU device on a serial bus shared with others."""
+
+    transport: Literal["rtu"]
+    serial_port: Name
+    """``name`` of a ``[[serial_ports]]`` entry."""
+    unit_id: Annotated[int, Field(ge=1, le=247)] = 1
+
+
+class IecDeviceConfig(_DeviceBase):
+    """An electricity meter read through its optical port with IEC 62056-21 mode C."""
+
+    transport: Literal["iec62056"]
+    profile: str = "iec-meter"
+    serial_port: Name
+    address: Annotated[str, Field(pattern=r"^[0-9A-Za-z ]{0,32}$")] = ""
+    """Device address for the sign-on (``/?ADDRESS!``); empty addresses any meter on the port."""
+    poll_interval_s: Annotated[float, Field(ge=1, le=86_400)] = 60.0
+
+
+def _transport(value: object) -> str:
+    # `transport` may be left out for TCP devices, so a plain field discriminator is not enough.
+    if isinstance(value, dict):
+        return str(value.get("transport", "tcp"))
+    return str(getattr(value, "transport", "tcp"))
+
+
+DeviceConfig = Annotated[
+    Annotated[TcpDeviceConfig, Tag("tcp")] | Annotated[RtuDeviceConfig, Tag("rtu")]
+    | Annotated[IecDeviceConfig, Tag("iec62056")],
+    Discriminator(_transport, custom_error_type="transport",
+                  custom_error_message="transport must be 'tcp', 'rtu' or 'iec62056'"),
+]
 
 
 class EdgeConfig(_Section):
@@ -98,15 +164,40 @@ class EdgeConfig(_Section):
     buffer: BufferSection = BufferSection()
     metrics: MetricsSection = MetricsSection()
     log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = "INFO"
+    serial_ports: list[SerialPortConfig] = []
     devices: list[DeviceConfig] = []
 
     @model_validator(mode="after")
-    def _unique_devices(self) -> EdgeConfig:
+    def _consistent(self) -> EdgeConfig:
         names = [d.name for d in self.devices]
         dupes = sorted({n for n in names if names.count(n) > 1})
         if dupes:
             raise ValueError(f"device names must be unique; repeated: {dupes}")
+        port_names = [p.name for p in self.serial_ports]
+        dupes = sorted({n for n in port_names if port_names.count(n) > 1})
+        if dupes:
+            raise ValueError(f"serial port names must be unique; repeated: {dupes}")
+        users: dict[str, list[RtuDeviceConfig | IecDeviceConfig]] = {}
+        for d in self.devices:
+            if isinstance(d, RtuDeviceConfig | IecDeviceConfig):
+                if d.serial_port not in port_names:
+                    raise ValueError(f"device {d.name!r}: no [[serial_ports]] entry named {d.serial_port!r}")
+                users.setdefault(d.serial_port, []).append(d)
+        for port, devs in users.items():
+            kinds = {d.transport for d in devs}
+            if len(kinds) > 1:
+                raise ValueError(f"serial port {port!r} cannot carry both Modbus RTU and IEC 62056-21")
+            if "iec62056" in kinds and len(devs) > 1:
+                raise ValueError(f"serial port {port!r}: one IEC 62056-21 meter per optical port")
+            units = [d.unit_id for d in devs if isinstance(d, RtuDeviceConfig)]
+            clash = sorted({u for u in units if units.count(u) > 1})
+            if clash:
+                raise ValueError(f"serial port {port!r}: unit ids used twice on one bus: {clash}")
         return self
+
+    def serial_port(self, name: str) -> SerialPortConfig:
+        """The ``[[serial_ports]]`` entry called ``name``."""
+        return next(p for p in self.serial_ports if p.name == name)
 
     @property
     def client_id(self) -> str:
@@ -129,7 +220,13 @@ def load_config(path: str | Path) -> tuple[EdgeConfig, dict[str, DeviceProfile]]
         except FileNotFoundError as exc:
             problems.append(problem_at(path, ("devices", i, "profile"), str(exc)))
             continue
-        unknown = sorted(set(dev.points or []) - {p.name for p in prof.points})
+        expected = "iec62056-21" if dev.transport == "iec62056" else "modbus"
+        if prof.profile.protocol != expected:
+            problems.append(problem_at(path, ("devices", i, "profile"),
+                                       f"profile {prof.name!r} is for {prof.profile.protocol}, "
+                                       f"transport {dev.transport!r} needs a {expected} profile"))
+            continue
+        unknown = sorted(set(dev.points or []) - set(prof.units))
         if unknown:
             problems.append(problem_at(path, ("devices", i, "points"),
                                        f"not in profile {prof.name!r}: {unknown}"))

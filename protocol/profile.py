@@ -53,6 +53,9 @@ class Point(BaseModel):
     writable: bool = False
     min: float | None = None
     max: float | None = None
+    interval_s: Annotated[float, Field(ge=0.005, le=86_400)] | None = None
+    """Poll this point at this interval instead of the device's ``poll_interval_s`` (counters
+    that change slowly need not be read as often as temperatures)."""
 
     @field_validator("unit")
     @classmethod
@@ -97,6 +100,26 @@ def _is_pow10(x: float) -> bool:
     return abs(lg - round(lg)) < 1e-9
 
 
+class ObisPoint(BaseModel):
+    """One value of an IEC 62056-21 data readout, identified by its OBIS code."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    code: Annotated[str, Field(pattern=r"^[0-9A-Za-z]+(\.[0-9A-Za-z]+){1,5}(\*[0-9]+)?$")]
+    """OBIS code as the meter prints it, e.g. ``1.8.0`` (total import energy) or ``0.0.0``."""
+    name: Name
+    type: Literal["number", "string"] = "number"
+    unit: str = ""
+    description: str = ""
+
+    @field_validator("unit")
+    @classmethod
+    def _known_unit(cls, unit: str) -> str:
+        if not is_known_unit(unit):
+            raise ValueError(f"unknown unit {unit!r}; use one of {sorted(UNITS)}")
+        return unit
+
+
 class ProfileInfo(BaseModel):
     """The ``[profile]`` table."""
 
@@ -112,6 +135,8 @@ class ProfileInfo(BaseModel):
     """Largest read this device accepts (Modbus allows 125; some devices take fewer)."""
     max_gap: Annotated[int, Field(ge=0, le=124)] = 8
     """Unused registers a request may span to merge two neighbouring points into one read."""
+    protocol: Literal["modbus", "iec62056-21"] = "modbus"
+    """``modbus``: the profile lists register ``points``; ``iec62056-21``: it lists ``obis`` values."""
 
 
 class DeviceProfile(BaseModel):
@@ -120,7 +145,22 @@ class DeviceProfile(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
 
     profile: ProfileInfo
-    points: Annotated[list[Point], Field(min_length=1)]
+    points: list[Point] = []
+    obis: list[ObisPoint] = []
+
+    @model_validator(mode="after")
+    def _points_match_protocol(self) -> DeviceProfile:
+        if self.profile.protocol == "modbus" and (not self.points or self.obis):
+            raise ValueError("a Modbus profile needs [[points]] and no [[obis]]")
+        if self.profile.protocol == "iec62056-21" and (not self.obis or self.points):
+            raise ValueError("an IEC 62056-21 profile needs [[obis]] and no [[points]]")
+        names = [o.name for o in self.obis]
+        codes = [o.code for o in self.obis]
+        for what, items in (("name", names), ("code", codes)):
+            dupes = sorted({x for x in items if items.count(x) > 1})
+            if dupes:
+                raise ValueError(f"obis {what}s used twice: {dupes}")
+        return self
 
     @model_validator(mode="after")
     def _no_overlaps(self) -> DeviceProfile:
@@ -150,6 +190,13 @@ class DeviceProfile(BaseModel):
     def name(self) -> str:
         """Profile name, e.g. ``sim-boiler``."""
         return self.profile.name
+
+    @property
+    def units(self) -> dict[str, str]:
+        """Unit of every metric this profile delivers."""
+        if self.profile.protocol == "iec62056-21":
+            return {o.name: o.unit for o in self.obis}
+        return {p.name: p.unit for p in self.points}
 
 
 def load_profile(path: str | Path) -> DeviceProfile:

@@ -65,6 +65,29 @@ def _line_for(loc: tuple[str | int, ...], where: dict[tuple[str | int, ...], int
     return None
 
 
+def _data_loc(data: Any, loc: tuple[str | int, ...]) -> tuple[str | int, ...]:
+    """Drop the parts of a pydantic error location that are not in the file: union tags
+    (``devices.0.tcp.port``) and validator labels (``function-after[...]``)."""
+    out: list[str | int] = []
+    node = data
+    for i, part in enumerate(loc):
+        last = i == len(loc) - 1
+        if isinstance(node, dict):
+            if part in node:
+                out.append(part)
+                node = node[part]
+            elif last:
+                out.append(part)  # a missing or extra key is the last element
+            continue  # a label between two real keys
+        if isinstance(node, list) and isinstance(part, int) and 0 <= part < len(node):
+            out.append(part)
+            node = node[part]
+            continue
+        if last and not (isinstance(part, str) and "[" in part):
+            out.append(part)
+    return tuple(out)
+
+
 def _fmt_loc(loc: tuple[str | int, ...]) -> str:
     out = ""
     for part in loc:
@@ -98,7 +121,7 @@ def parse_toml(text: str, model: type[M], source: str = "<string>",
         where = _index_lines(text)
         problems = []
         for err in exc.errors():
-            loc = tuple(p for p in err["loc"] if not (isinstance(p, str) and "[" in p))
+            loc = _data_loc(data, tuple(err["loc"]))
             line = _line_for(loc, where)
             pos = f"{source}:{line}" if line else source
             msg = err["msg"].removeprefix("Value error, ")

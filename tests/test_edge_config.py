@@ -112,3 +112,72 @@ def test_agent_start_errors_are_clear(tmp_path: Path, capsys: pytest.CaptureFixt
     cfg = write(tmp_path, GOOD.replace("[[devices]]", f'[buffer]\npath = "{blocked}/buf.db"\n\n[[devices]]'), "b.toml")
     assert edge_cli(["run", "--config", str(cfg)]) == 1
     assert "cannot open the buffer" in capsys.readouterr().err
+
+
+SERIAL = """\
+[gateway]
+site = "site-1"
+name = "gw-1"
+
+[[serial_ports]]
+name = "rs485-1"
+device = "/dev/ttyUSB0"
+baudrate = 9600
+parity = "N"
+stopbits = 2
+
+[[serial_ports]]
+name = "optical-1"
+device = "/dev/ttyUSB1"
+baudrate = 9600
+
+[[devices]]
+name = "boiler-1"
+transport = "rtu"
+serial_port = "rs485-1"
+unit_id = 1
+profile = "sim-boiler"
+
+[[devices]]
+name = "boiler-2"
+transport = "rtu"
+serial_port = "rs485-1"
+unit_id = 2
+profile = "sim-boiler"
+
+[[devices]]
+name = "meter-1"
+transport = "iec62056"
+serial_port = "optical-1"
+"""
+
+
+def test_serial_devices(tmp_path: Path) -> None:
+    cfg, profiles = load_config(write(tmp_path, SERIAL))
+    port = cfg.serial_port("rs485-1")
+    assert port.char_bits == 11  # start + 8 data + no parity + 2 stop
+    assert port.inter_frame_s == pytest.approx(3.5 * 11 / 9600)
+    assert cfg.serial_port("optical-1").inter_frame_s == pytest.approx(3.5 * 11 / 9600)
+    assert profiles["meter-1"].name == "iec-meter"
+    assert cfg.devices[2].poll_interval_s == 60.0
+    fast = write(tmp_path, SERIAL.replace("baudrate = 9600\nparity", "baudrate = 115200\nparity"), "fast.toml")
+    assert load_config(fast)[0].serial_port("rs485-1").inter_frame_s == 0.00175
+
+
+@pytest.mark.parametrize(("change", "message"), [
+    (('serial_port = "rs485-1"\nunit_id = 2', 'serial_port = "rs485-1"\nunit_id = 1'),
+     "unit ids used twice on one bus: [1]"),
+    (('serial_port = "optical-1"', 'serial_port = "nope"'), "no [[serial_ports]] entry named 'nope'"),
+    (('name = "boiler-2"\ntransport = "rtu"\nserial_port = "rs485-1"',
+      'name = "boiler-2"\ntransport = "rtu"\nserial_port = "optical-1"'),
+     "cannot carry both Modbus RTU and IEC 62056-21"),
+    (('transport = "iec62056"', 'transport = "iec62056"\nprofile = "sim-meter"'),
+     "profile 'sim-meter' is for modbus, transport 'iec62056' needs a iec62056-21 profile"),
+    (('transport = "iec62056"', 'transport = "carrier-pigeon"'), "transport must be 'tcp', 'rtu' or 'iec62056'"),
+    (("parity = \"N\"", "parity = \"X\""), ":9: serial_ports[0].parity: Input should be 'N', 'E' or 'O'"),
+    (("unit_id = 2", "unit_id = 248"), ":28: devices[1].unit_id: Input should be less than or equal to 247"),
+])
+def test_serial_config_errors(tmp_path: Path, change: tuple[str, str], message: str) -> None:
+    with pytest.raises(ConfigError) as err:
+        load_config(write(tmp_path, SERIAL.replace(*change)))
+    assert message in str(err.value)

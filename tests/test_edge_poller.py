@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 
-from edge.drivers.modbus import ModbusDriver
+from edge.drivers.modbus import ModbusDriver, ModbusLink
 from edge.metrics import EdgeMetrics
 from edge.poller import DevicePoller
 from edge.reading import Reading
@@ -42,8 +42,8 @@ def poller_for(sim: Simulators, name: str, profile_name: str, buf: CaptureBuffer
                profile_path: Path | None = None, port: int | None = None, timeout: float = 1.0) -> DevicePoller:
     dev = sim.device(name)
     profile = load_profile(profile_path) if profile_path else builtin_profile(profile_name)
-    driver = ModbusDriver.tcp("127.0.0.1", port or dev.port, 1, profile, timeout)
-    return DevicePoller(name, driver, profile, interval, 8.0, buf, EdgeMetrics())  # type: ignore[arg-type]
+    driver = ModbusDriver(ModbusLink.tcp("127.0.0.1", port or dev.port, timeout), 1, profile)
+    return DevicePoller(name, driver, interval, 8.0, buf, EdgeMetrics())
 
 
 async def test_poll_returns_exactly_what_the_device_serves(sims: Simulators) -> None:
@@ -100,7 +100,7 @@ async def test_device_that_disappears_gives_bad_readings_and_backs_off() -> None
     async with run_simulators(cfg) as sim:
         again = await poller.poll_once()
         assert [r.value for r in again] == [sim.device("boiler-1").visible[r.metric] for r in again]
-        assert poller.failures == 0 and poller._next_delay() == 0.5
+        assert poller.failures == 0 and poller._next_delay() == 0
     await poller.driver.close()
 
 
@@ -128,3 +128,30 @@ async def test_a_silent_device_does_not_delay_the_others(sims: Simulators) -> No
     slow_polls = len(slow_buf.readings) // len(builtin_profile("sim-boiler").points)
     assert slow_polls <= 5  # timeouts plus exponential back-off, not 30 attempts
     assert slow.metrics.poll_errors.labels("boiler-1", "timeout")._value.get() >= 1
+
+
+async def test_per_point_intervals_are_honoured(sims: Simulators, tmp_path: Path) -> None:
+    text = (Path(__file__).resolve().parents[1] / "protocol/profiles/sim-boiler.toml").read_text()
+    # slow counters: read every 0.25 s while the rest is read every 0.05 s
+    text = text.replace('name = "operating_hours"', 'name = "operating_hours"\ninterval_s = 0.25')
+    text = text.replace('name = "burner_starts"', 'name = "burner_starts"\ninterval_s = 0.25')
+    path = tmp_path / "slow.toml"
+    path.write_text(text)
+    profile = load_profile(path)
+    buf = CaptureBuffer()
+    driver = ModbusDriver(ModbusLink.tcp("127.0.0.1", sims.device("boiler-1").port, 1.0), 1, profile)
+    poller = DevicePoller("boiler-1", driver, 0.05, 8.0, buf, EdgeMetrics(),
+                          {p.name: p.interval_s for p in profile.points if p.interval_s})
+    task = asyncio.create_task(poller.run())
+    await asyncio.sleep(1.02)
+    task.cancel()
+    await asyncio.gather(task, return_exceptions=True)
+    counts: dict[str, int] = {}
+    for r in buf.readings:
+        counts[r.metric] = counts.get(r.metric, 0) + 1
+    assert 18 <= counts["flow_temp"] <= 22, counts
+    assert 4 <= counts["operating_hours"] <= 5, counts
+    assert counts["burner_starts"] == counts["operating_hours"]
+    # When both groups are due they are read together: the slow points never get polls of their own.
+    assert poller.metrics.polls.labels("boiler-1", "ok")._value.get() == counts["flow_temp"]
+    assert driver.plan() != driver.plan(frozenset({"flow_temp"}))

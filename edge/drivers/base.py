@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Collection
 from dataclasses import dataclass
 from typing import Protocol
 
@@ -15,11 +16,11 @@ class PointResult:
     name: str
     value: Value
     error: str | None = None
-    """Short machine-friendly reason (``timeout``, ``exception-2``, ``decode``, ...) when ``value`` is None."""
+    """Short machine-friendly reason (``timeout``, ``exception-2``, ``decode``, ...) when there is no value."""
 
 
 class DeviceError(Exception):
-    """The whole device could not be read (not connected, connection refused, ...)."""
+    """The whole device could not be read (not connected, connection refused, silent, ...)."""
 
     def __init__(self, kind: str, message: str) -> None:
         self.kind = kind
@@ -29,9 +30,12 @@ class DeviceError(Exception):
 class Driver(Protocol):
     """A connection to one field device."""
 
-    async def read(self) -> list[PointResult]:
-        """Read every configured point once. Raises :class:`DeviceError` when nothing could be read;
-        a partial failure comes back as results with ``error`` set."""
+    units: dict[str, str]
+    """Unit of every metric this driver delivers."""
+
+    async def read(self, metrics: Collection[str] | None = None) -> list[PointResult]:
+        """Read ``metrics`` (default: all) once. Raises :class:`DeviceError` when nothing could be
+        read; a partial failure comes back as results with ``error`` set."""
         ...
 
     async def close(self) -> None:
