@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Install the Debian packages a purpose needs, only those that are missing.
 #   scripts/system-deps.sh demo   -> what `make demo` needs (python3-venv, mosquitto)
-#   scripts/system-deps.sh test   -> what `make test` needs (+ postgresql)
+#   scripts/system-deps.sh test   -> what `make test` needs (+ postgresql, mbpoll)
 set -euo pipefail
 purpose="${1:-demo}"
 
@@ -11,6 +11,8 @@ have_mosquitto() { command -v mosquitto >/dev/null 2>&1 || [ -x /usr/sbin/mosqui
 have_mosquitto || need+=(mosquitto)
 if [ "$purpose" = "test" ]; then
   ls /usr/lib/postgresql/*/bin/initdb >/dev/null 2>&1 || command -v initdb >/dev/null 2>&1 || need+=(postgresql)
+  # an independent Modbus master for the interoperability tests
+  command -v mbpoll >/dev/null 2>&1 || need+=(mbpoll)
 fi
 
 [ ${#need[@]} -eq 0 ] && exit 0
