@@ -181,3 +181,14 @@ def test_serial_config_errors(tmp_path: Path, change: tuple[str, str], message: 
     with pytest.raises(ConfigError) as err:
         load_config(write(tmp_path, SERIAL.replace(*change)))
     assert message in str(err.value)
+
+
+def test_commented_serial_example_is_valid(tmp_path: Path) -> None:
+    import re
+
+    text = (ROOT / "examples" / "edge.toml").read_text()
+    uncommented = re.sub(r"(?m)^# (\[\[|[a-z_]+ = )", r"\1", text)
+    path = write(tmp_path, uncommented)
+    cfg, profiles = load_config(path)
+    assert [d.transport for d in cfg.devices][-2:] == ["rtu", "iec62056"]
+    assert profiles["main-meter"].profile.protocol == "iec62056-21"
