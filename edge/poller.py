@@ -78,9 +78,6 @@ class DevicePoller:
             return [Reading(self.name, m, ts, None, self.units[m], Quality.BAD) for m in sorted(wanted)]
         finally:
             self.metrics.poll_duration.labels(self.name).observe(time.perf_counter() - t0)
-        if self.failures:
-            log.info("device_recovered", device=self.name, after_failures=self.failures)
-        self.failures = 0
         readings = []
         errors: Counter[str] = Counter()
         seen = set()
@@ -96,6 +93,17 @@ class DevicePoller:
             readings.append(Reading(self.name, missing, ts, None, self.units[missing], Quality.BAD))
         for kind, n in errors.items():
             self.metrics.poll_errors.labels(self.name, kind).inc(n)
+        if readings and all(r.quality is Quality.BAD for r in readings):
+            # It answers, but only with exceptions or bad frames: as useless as a silent device,
+            # and as deserving of back-off.
+            self.metrics.polls.labels(self.name, "failed").inc()
+            if self.failures == 0:
+                log.warning("device_failing", device=self.name, errors=dict(errors))
+            self.failures += 1
+            return readings
+        if self.failures:
+            log.info("device_recovered", device=self.name, after_failures=self.failures)
+        self.failures = 0
         self.metrics.polls.labels(self.name, "partial" if errors else "ok").inc()
         return readings
 

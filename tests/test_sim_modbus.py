@@ -258,8 +258,10 @@ def test_cli_ready_line_and_clean_stop(cli_procs: list[subprocess.Popen[str]], t
     cli_procs.append(proc)
     ready = read_ready(proc)
     assert ready == {"event": "ready", "devices": [
-        {"name": "boiler-1", "kind": "boiler", "profile": "sim-boiler", "host": "127.0.0.1", "port": base},
-        {"name": "meter-1", "kind": "meter", "profile": "sim-meter", "host": "127.0.0.1", "port": base + 1},
+        {"name": "boiler-1", "kind": "boiler", "profile": "sim-boiler", "transport": "tcp", "host": "127.0.0.1",
+         "port": base, "unit_id": 1},
+        {"name": "meter-1", "kind": "meter", "profile": "sim-meter", "transport": "tcp", "host": "127.0.0.1",
+         "port": base + 1, "unit_id": 1},
     ]}
 
     async def read_energy() -> float:
