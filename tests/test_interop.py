@@ -201,3 +201,19 @@ async def test_edge_reads_pymodbustcp_server_with_hand_written_map(tmp_path: Pat
     # 6 away and gets a read of its own
     assert [(r.table, r.address, r.count) for r in driver.plan()] == [
         ("coil", 0, 3), ("discrete", 5, 1), ("holding", 0, 14), ("holding", 20, 1), ("input", 0, 2)]
+
+
+async def test_mbpoll_reads_documented_values_over_rtu() -> None:
+    cfg = SimConfig(boilers=1, meters=1, rtu=True, speed=0, start_hour=8)
+    async with run_simulators(cfg) as sim:
+        sim.step(900)
+        path = sim.device("boiler-1").bus.path  # type: ignore[union-attr]
+        rtu = ("-m", "rtu", "-b", "19200", "-P", "even", "-s", "1")
+        raw = await run_mbpoll(*rtu, "-a", "1", "-t", "3", "-r", "0", "-c", "8", path)
+        boiler = sim.device("boiler-1").visible
+        assert raw[0] * 0.1 == pytest.approx(boiler["flow_temp"])
+        assert raw[2] * 0.001 == pytest.approx(boiler["pressure"])
+        assert raw[7] == boiler["fault_code"]
+        # the second device on the same bus, by its unit id
+        power = await run_mbpoll(*rtu, "-a", "2", "-t", "3:float", "-B", "-r", "2", "-c", "1", path)
+        assert power[0] == pytest.approx(sim.device("meter-1").visible["power"], rel=1e-6)
