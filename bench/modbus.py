@@ -19,9 +19,7 @@ The last line printed is one JSON object with every figure.
 
 from __future__ import annotations
 
-import argparse
 import asyncio
-import json
 import statistics
 import sys
 import tempfile
@@ -29,6 +27,7 @@ import time
 from pathlib import Path
 from typing import Any
 
+from bench.common import log, run_bench
 from edge.drivers.modbus import ModbusDriver, ModbusLink
 from edge.metrics import EdgeMetrics
 from edge.poller import DevicePoller
@@ -54,9 +53,6 @@ table = "input"
 address = 124
 """
 
-
-def log(msg: str) -> None:
-    print(msg, file=sys.stderr, flush=True)
 
 
 def rtu_theoretical_registers_per_s(baud: int, char_bits: int = 11, count: int = 125) -> float:
@@ -205,14 +201,7 @@ async def main_async(quick: bool) -> dict[str, Any]:
 
 def main(argv: list[str] | None = None) -> int:
     """Run the benchmark and print the JSON summary as the last line."""
-    ap = argparse.ArgumentParser(prog="python -m bench.modbus", description=__doc__.splitlines()[0])
-    ap.add_argument("--quick", action="store_true", help="smaller run, under a minute")
-    args = ap.parse_args(argv)
-    t0 = time.perf_counter()
-    result = asyncio.run(main_async(args.quick))
-    result["bench_seconds"] = round(time.perf_counter() - t0, 1)
-    print(json.dumps(result), flush=True)
-    return 0
+    return run_bench("bench.modbus", __doc__, main_async, argv)
 
 
 if __name__ == "__main__":

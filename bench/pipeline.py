@@ -16,9 +16,7 @@ The last line printed is one JSON object with every figure.
 
 from __future__ import annotations
 
-import argparse
 import asyncio
-import json
 import random
 import sqlite3
 import statistics
@@ -31,6 +29,7 @@ from typing import Any
 import aiomqtt
 import psutil
 
+from bench.common import log, run_bench
 from edge.buffer import ReadingBuffer
 from edge.config import EdgeConfig
 from edge.metrics import EdgeMetrics
@@ -41,10 +40,6 @@ from fleet.configs import write_edge_config, write_hub_config
 from fleet.net import free_port
 from fleet.procs import ReadyProcess
 from protocol.schema import encode_telemetry_v1
-
-
-def log(msg: str) -> None:
-    print(msg, file=sys.stderr, flush=True)
 
 
 async def bench_edge_uplink(broker: Mosquitto, work: Path, n: int) -> dict[str, Any]:
@@ -190,14 +185,7 @@ async def main_async(quick: bool) -> dict[str, Any]:
 
 def main(argv: list[str] | None = None) -> int:
     """Run the benchmark and print the JSON summary as the last line."""
-    ap = argparse.ArgumentParser(prog="python -m bench.pipeline", description=__doc__.splitlines()[0])
-    ap.add_argument("--quick", action="store_true", help="smaller run, under 60 s")
-    args = ap.parse_args(argv)
-    t0 = time.perf_counter()
-    result = asyncio.run(main_async(args.quick))
-    result["bench_seconds"] = round(time.perf_counter() - t0, 1)
-    print(json.dumps(result), flush=True)
-    return 0
+    return run_bench("bench.pipeline", __doc__, main_async, argv)
 
 
 if __name__ == "__main__":

@@ -13,13 +13,13 @@ from functools import cached_property
 from pathlib import Path
 from typing import Annotated, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from protocol.codec import DATA_TYPES, register_count
 from protocol.ids import Name
 from protocol.schema import DeviceKind
 from protocol.tomlconfig import load_toml
-from protocol.units import UNITS, is_known_unit
+from protocol.units import Unit
 
 PROFILE_DIR = Path(__file__).with_name("profiles")
 
@@ -44,7 +44,7 @@ class Point(BaseModel):
     word_order: Order = "big"
     scale: float = 1.0
     offset: float = 0.0
-    unit: str = ""
+    unit: Unit = ""
     length: Annotated[int, Field(ge=1, le=125)] | None = None
     """Registers occupied by a 'string' point."""
     bit: Annotated[int, Field(ge=0, le=15)] | None = None
@@ -57,12 +57,6 @@ class Point(BaseModel):
     """Poll this point at this interval instead of the device's ``poll_interval_s`` (counters
     that change slowly need not be read as often as temperatures)."""
 
-    @field_validator("unit")
-    @classmethod
-    def _known_unit(cls, unit: str) -> str:
-        if not is_known_unit(unit):
-            raise ValueError(f"unknown unit {unit!r}; use one of {sorted(UNITS)}")
-        return unit
 
     @model_validator(mode="after")
     def _check(self) -> Point:
@@ -109,15 +103,9 @@ class ObisPoint(BaseModel):
     """OBIS code as the meter prints it, e.g. ``1.8.0`` (total import energy) or ``0.0.0``."""
     name: Name
     type: Literal["number", "string"] = "number"
-    unit: str = ""
+    unit: Unit = ""
     description: str = ""
 
-    @field_validator("unit")
-    @classmethod
-    def _known_unit(cls, unit: str) -> str:
-        if not is_known_unit(unit):
-            raise ValueError(f"unknown unit {unit!r}; use one of {sorted(UNITS)}")
-        return unit
 
 
 class ProfileInfo(BaseModel):

@@ -3,6 +3,10 @@
 
 from __future__ import annotations
 
+from typing import Annotated
+
+from pydantic import AfterValidator
+
 UNITS: dict[str, str] = {
     "": "dimensionless (states, codes, counters)",
     "degC": "degree Celsius",
@@ -29,3 +33,13 @@ UNITS: dict[str, str] = {
 def is_known_unit(unit: str) -> bool:
     """True for a unit spelled as listed in :data:`UNITS`."""
     return unit in UNITS
+
+
+def _check_unit(unit: str) -> str:
+    if not is_known_unit(unit):
+        raise ValueError(f"unknown unit {unit!r}; use one of {sorted(UNITS)}")
+    return unit
+
+
+Unit = Annotated[str, AfterValidator(_check_unit)]
+"""A unit spelled as listed in :data:`UNITS` (validated)."""
