@@ -116,11 +116,35 @@ class StatusV1(_Strict):
     backlog: Annotated[int, Field(ge=0)] = 0
 
 
+class EventType(StrEnum):
+    """Things a gateway reports that are not readings."""
+
+    BUFFER_THINNED = "buffer_thinned"  # disk cap reached: older readings thinned (dropped on purpose)
+    BUFFER_CORRUPT = "buffer_corrupt"  # buffer file unreadable, moved aside, a new one started
+    BUFFER_FULL = "buffer_full"  # the disk refused writes (SQLITE_FULL) even after thinning
+
+
+class EventV1(_Strict):
+    """A gateway event (topic ``twin/v1/{site}/{gateway}/events``, QoS 1, not retained)."""
+
+    v: Literal[1] = 1
+    site: Name
+    gateway: Name
+    ts: TimestampMs
+    type: EventType
+    message: Annotated[str, Field(max_length=1000)] = ""
+    readings_dropped: Annotated[int, Field(ge=0)] = 0
+    """Readings removed from the buffer by this event (never sent)."""
+    details: dict[str, int | float | str] = {}
+
+
 Telemetry = TelemetryV1
 Status = StatusV1
+Event = EventV1
 
 _TELEMETRY: dict[int, TypeAdapter[Any]] = {1: TypeAdapter(TelemetryV1)}
 _STATUS: dict[int, TypeAdapter[Any]] = {1: TypeAdapter(StatusV1)}
+_EVENT: dict[int, TypeAdapter[Any]] = {1: TypeAdapter(EventV1)}
 
 
 class SchemaError(ValueError):
@@ -168,6 +192,12 @@ def decode_telemetry(payload: bytes, expect_version: int | None = None) -> Telem
 def decode_status(payload: bytes, expect_version: int | None = None) -> Status:
     """Validate a status payload of any supported version; raises :class:`SchemaError`."""
     result: Status = _decode(_STATUS, payload, expect_version)
+    return result
+
+
+def decode_event(payload: bytes, expect_version: int | None = None) -> Event:
+    """Validate an event payload of any supported version; raises :class:`SchemaError`."""
+    result: Event = _decode(_EVENT, payload, expect_version)
     return result
 
 

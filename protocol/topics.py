@@ -12,8 +12,8 @@ from typing import Literal
 from protocol.ids import is_valid_name
 
 ROOT = "twin"
-Channel = Literal["telemetry", "status"]
-CHANNELS: tuple[Channel, ...] = ("telemetry", "status")
+Channel = Literal["telemetry", "status", "events"]
+CHANNELS: tuple[Channel, ...] = ("telemetry", "status", "events")
 
 
 @dataclass(frozen=True, slots=True)
@@ -34,6 +34,11 @@ def telemetry_topic(site: str, gateway: str, version: int = 1) -> str:
 def status_topic(site: str, gateway: str, version: int = 1) -> str:
     """Topic of a gateway's retained online/offline status (and its Last Will)."""
     return f"{ROOT}/v{version}/{site}/{gateway}/status"
+
+
+def events_topic(site: str, gateway: str, version: int = 1) -> str:
+    """Topic of a gateway's events (buffer thinned, buffer corrupt, ...)."""
+    return f"{ROOT}/v{version}/{site}/{gateway}/events"
 
 
 def subscription(channel: Channel, version: int | None = None, share_group: str | None = None) -> str:
