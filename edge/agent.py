@@ -34,7 +34,7 @@ class EdgeAgent:
         self.profiles = profiles
         self.metrics = EdgeMetrics()
         b = cfg.buffer
-        self.buffer = ReadingBuffer(b.path, b.synchronous, b.flush_interval_ms, b.flush_max_readings)
+        self.buffer = ReadingBuffer(b.path, b.synchronous, b.flush_interval_ms, b.flush_max_readings, b.max_bytes)
         self.buffer.on_commit = self.metrics.committed.inc
         self.devices = {d.name: (profiles[d.name].profile.kind.value, profiles[d.name].name) for d in cfg.devices}
         self.uplink = Uplink(cfg, self.buffer, self.devices, self.metrics)

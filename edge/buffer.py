@@ -7,7 +7,14 @@ Contract (details in docs/delivery.md):
   ``synchronous=FULL`` a committed reading survives a power cut; with ``NORMAL`` it survives a
   process crash, and a power cut may lose the last commits (WAL keeps the file consistent).
 * Its per-device sequence number is assigned and persisted in that same transaction, so
-  sequence numbers never repeat or go backwards across restarts.
+  sequence numbers never repeat or go backwards across restarts. A device's first sequence
+  number in a buffer file is taken from the clock (epoch ms × 1000), so a new file (the old one
+  was corrupt and moved aside, or the SD card was replaced) continues above every number the
+  old one used, instead of restarting at 1 and being discarded by the hub as duplicates.
+* The file is capped (``max_bytes``). When the readings reach the cap, the oldest half of the
+  backlog is thinned to a quarter of its resolution per series; only if that does not free
+  enough are the oldest readings dropped. The newest readings are never touched. Every such removal is
+  counted and recorded as an event for the hub.
 * A reading leaves the buffer only through :meth:`ack`, which the uplink calls after the broker
   acknowledged (QoS 1 PUBACK) the message that carried it.
 
@@ -18,11 +25,13 @@ the connection is never shared between threads.
 from __future__ import annotations
 
 import asyncio
+import json
 import os
 import sqlite3
 import time
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
 from pathlib import Path
 from typing import TypeVar
 
@@ -33,7 +42,9 @@ from protocol.schema import Value
 log = get_logger("edge.buffer")
 T = TypeVar("T")
 
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 2
+SEQ_EPOCH_FACTOR = 1000
+"""First sequence number of a device in a new buffer file = epoch ms × this + 1."""
 _QUALITY_CODE = {"good": 0, "bad": 1, "stale": 2}
 _QUALITY_NAME = {v: k for k, v in _QUALITY_CODE.items()}
 # SQLite has no boolean type; a flag next to the quality code keeps `true` from arriving at the
@@ -52,7 +63,14 @@ CREATE TABLE IF NOT EXISTS series (
 -- Kind and profile of every device that has readings here, so a backlog still describes
 -- devices that have since been removed from the configuration.
 CREATE TABLE IF NOT EXISTS devices (device TEXT PRIMARY KEY, kind TEXT NOT NULL, profile TEXT NOT NULL);
-CREATE TABLE IF NOT EXISTS device_seq (device TEXT PRIMARY KEY, last_seq INTEGER NOT NULL);
+CREATE TABLE IF NOT EXISTS device_seq (
+    device TEXT PRIMARY KEY, first_seq INTEGER NOT NULL, last_seq INTEGER NOT NULL
+);
+-- Events (buffer thinned, corrupt, full) waiting to be published; removed once acknowledged.
+CREATE TABLE IF NOT EXISTS events (
+    id INTEGER PRIMARY KEY, ts INTEGER NOT NULL, type TEXT NOT NULL, message TEXT NOT NULL,
+    dropped INTEGER NOT NULL, details TEXT NOT NULL
+);
 CREATE TABLE IF NOT EXISTS readings (
     id INTEGER PRIMARY KEY,
     series INTEGER NOT NULL REFERENCES series(id),
@@ -64,16 +82,34 @@ CREATE TABLE IF NOT EXISTS readings (
 """
 
 
-class BufferCorrupt(RuntimeError):
-    """The buffer file is not a usable SQLite database."""
+THIN_FRACTION = 0.5
+"""Share of the backlog, oldest first, that a thinning pass coarsens."""
+THIN_KEEP_EVERY = 4
+"""A thinning pass keeps every 4th reading of each series in that share. (Keeping every 2nd
+would free no disk: B-tree pages left half full are not merged, only those under a third.)"""
+DROP_FRACTION = 0.1
+"""Share of the backlog dropped outright, oldest first, when thinning freed too little."""
+
+
+@dataclass(frozen=True, slots=True)
+class BufferEvent:
+    """An event waiting in the buffer to be published."""
+
+    row_id: int
+    ts_ms: int
+    type: str
+    message: str
+    dropped: int
+    details: dict[str, int | float | str]
 
 
 class ReadingBuffer:
     """The agent's durable queue of readings waiting for the broker's acknowledgement."""
 
     def __init__(self, path: str | Path, synchronous: str = "FULL", flush_interval_ms: int = 100,
-                 flush_max_readings: int = 5000) -> None:
+                 flush_max_readings: int = 5000, max_bytes: int = 512 * 2**20) -> None:
         self.path = Path(path)
+        self.max_bytes = max_bytes
         self.synchronous = synchronous
         self.flush_interval = flush_interval_ms / 1000
         self.flush_max = flush_max_readings
@@ -91,7 +127,13 @@ class ReadingBuffer:
         self.new_data = asyncio.Event()
         """Set whenever a commit added readings; the uplink waits on it instead of polling."""
         self.on_commit: Callable[[int], None] | None = None
+        self.on_dropped: Callable[[int], None] | None = None
         self.moved_aside: Path | None = None
+        self.events_waiting = True
+        """Set when an event was recorded; the uplink publishes events and clears it."""
+        self.dropped_total = 0
+        """Readings removed by the disk cap since start (thinned or dropped, never sent)."""
+        self._page_size = 4096
 
     # -- lifecycle -------------------------------------------------------------------------
 
@@ -126,18 +168,31 @@ class ReadingBuffer:
             self.moved_aside = aside
             log.error("buffer_corrupt_moved_aside", path=str(self.path), moved_to=str(aside), error=str(exc))
             self._connect_sync()
+            self._add_event_sync("buffer_corrupt", f"buffer file unreadable ({exc}); moved aside to {aside.name}",
+                                 0, {"moved_to": str(aside)})
 
     def _connect_sync(self) -> None:
         db = sqlite3.connect(self.path, isolation_level=None, check_same_thread=False)
         self._db = db
         db.execute("PRAGMA journal_mode=WAL")
         db.execute(f"PRAGMA synchronous={self.synchronous}")
+        # The WAL counts against the disk too: keep it small next to the cap (checkpoint early,
+        # truncate after), so the file system holds at most max_bytes plus a quarter.
+        wal_limit = min(16 * 2**20, self.max_bytes // 4)
+        db.execute(f"PRAGMA journal_size_limit={wal_limit}")
+        row = db.execute("SELECT value FROM meta WHERE key='schema_version'").fetchone() if db.execute(
+            "SELECT 1 FROM sqlite_master WHERE name='meta'").fetchone() else None
+        if row is not None and int(row[0]) == 1:
+            db.execute("ALTER TABLE device_seq ADD COLUMN first_seq INTEGER NOT NULL DEFAULT 1")
+            db.execute("UPDATE meta SET value = '2' WHERE key = 'schema_version'")
+            row = ("2",)
         db.executescript(_SCHEMA)
-        row = db.execute("SELECT value FROM meta WHERE key='schema_version'").fetchone()
         if row is None:
             db.execute("INSERT INTO meta VALUES ('schema_version', ?)", (str(SCHEMA_VERSION),))
         elif int(row[0]) != SCHEMA_VERSION:
             raise sqlite3.DatabaseError(f"buffer schema version {row[0]} != {SCHEMA_VERSION}")
+        self._page_size = db.execute("PRAGMA page_size").fetchone()[0]
+        db.execute(f"PRAGMA wal_autocheckpoint={max(16, min(1000, wal_limit // self._page_size // 2))}")
         for sid, dev, metric, unit in db.execute("SELECT id, device, metric, unit FROM series"):
             self._series[(dev, metric, unit)] = sid
             self._series_by_id[sid] = (dev, metric, unit)
@@ -209,7 +264,7 @@ class ReadingBuffer:
         self._pending_event.clear()
         self._room.set()
         try:
-            await self._run(self._insert_sync, batch)
+            await self._run(self._insert_with_room_sync, batch)
         except BaseException:
             self._pending[:0] = batch  # nothing is lost on a failed commit: retry next time
             self._pending_event.set()
@@ -219,10 +274,83 @@ class ReadingBuffer:
         self.new_data.set()
         return len(batch)
 
+    def _insert_with_room_sync(self, batch: list[Reading]) -> None:
+        for attempt in range(6):
+            try:
+                self._insert_sync(batch)
+                break
+            except sqlite3.OperationalError as exc:
+                if "full" not in str(exc) or attempt == 5:
+                    raise
+                # The disk (or the file system's quota) is full before our own cap was reached:
+                # make room the same way the cap does, then try again.
+                freed = self._make_room_sync(force=True)
+                log.error("buffer_disk_full", error=str(exc), dropped=freed, attempt=attempt + 1)
+                if not freed:
+                    raise
+        if self._used_bytes_sync() > self.max_bytes:
+            self._make_room_sync()
+
+    def _used_bytes_sync(self) -> int:
+        assert self._db is not None
+        pages, free = (self._db.execute("PRAGMA page_count").fetchone()[0],
+                       self._db.execute("PRAGMA freelist_count").fetchone()[0])
+        return int((pages - free) * self._page_size)
+
+    def _make_room_sync(self, force: bool = False) -> int:
+        """Thin, then drop, the oldest readings until the data is below 90 % of the cap."""
+        db = self._db
+        assert db is not None
+        target = int(self.max_bytes * 0.9)
+        thinned = dropped = 0
+        # A full disk needs whole free pages at once, which only dropping a contiguous run of the
+        # oldest rows guarantees; the cap can afford to try thinning alone first.
+        disk_full = force
+        for _ in range(8):
+            if not force and self._used_bytes_sync() <= target:
+                break
+            force = False
+            lo, hi = db.execute("SELECT min(id), max(id) FROM readings").fetchone()
+            if lo is None:
+                break
+            cut = lo + int((hi - lo) * THIN_FRACTION)
+            # Coarsen every series in the oldest part: keep every THIN_KEEP_EVERY-th reading.
+            cur = db.execute(
+                "DELETE FROM readings WHERE id IN (SELECT id FROM (SELECT id, row_number() OVER "
+                "(PARTITION BY series ORDER BY id) AS rn FROM readings WHERE id <= ?) WHERE rn % ? != 1)",
+                (cut, THIN_KEEP_EVERY))
+            thinned += cur.rowcount
+            if disk_full or cur.rowcount == 0 or self._used_bytes_sync() > target:
+                # Thinning could not help enough (one reading per series left): drop the oldest.
+                drop_to = lo + max(1, int((hi - lo) * DROP_FRACTION))
+                dropped += db.execute("DELETE FROM readings WHERE id <= ?", (drop_to,)).rowcount
+        removed = thinned + dropped
+        if removed:
+            self._rows -= removed
+            self.dropped_total += removed
+            log.warning("buffer_cap_reached", max_bytes=self.max_bytes, thinned=thinned, dropped=dropped,
+                        backlog=self._rows)
+            self._add_event_sync("buffer_thinned", f"buffer reached its cap of {self.max_bytes} bytes: "
+                                 f"{thinned} old readings thinned, {dropped} dropped", removed,
+                                 {"thinned": thinned, "dropped": dropped, "max_bytes": self.max_bytes})
+            if self.on_dropped:
+                self.on_dropped(removed)
+        return removed
+
+    def _add_event_sync(self, type_: str, message: str, dropped: int, details: dict[str, int | float | str]) -> None:
+        assert self._db is not None
+        try:
+            self._db.execute("INSERT INTO events (ts, type, message, dropped, details) VALUES (?, ?, ?, ?, ?)",
+                             (time.time_ns() // 1_000_000, type_, message, dropped, json.dumps(details)))
+            self.events_waiting = True
+        except sqlite3.OperationalError as exc:  # a full disk may refuse even this small row
+            log.error("buffer_event_not_recorded", type=type_, dropped=dropped, error=str(exc))
+
     def _insert_sync(self, batch: list[Reading]) -> None:
         db = self._db
         assert db is not None
         seqs = dict(self._last_seq)
+        firsts: dict[str, int] = {}
         new_series: dict[tuple[str, str, str], int] = {}
         rows: list[tuple[int, int, int, Value, int]] = []
         db.execute("BEGIN IMMEDIATE")
@@ -233,7 +361,11 @@ class ReadingBuffer:
                 if sid is None:
                     cur = db.execute("INSERT INTO series (device, metric, unit) VALUES (?, ?, ?)", key)
                     sid = new_series[key] = int(cur.lastrowid or 0)
-                seq = seqs.get(r.device, 0) + 1
+                last = seqs.get(r.device)
+                if last is None:
+                    seq = firsts[r.device] = time.time_ns() // 1_000_000 * SEQ_EPOCH_FACTOR + 1
+                else:
+                    seq = last + 1
                 seqs[r.device] = seq
                 q = _QUALITY_CODE[r.quality]
                 if isinstance(r.value, bool):
@@ -243,12 +375,13 @@ class ReadingBuffer:
             db.executemany("INSERT INTO readings (series, seq, ts, value, quality) VALUES (?, ?, ?, ?, ?)", rows)
             changed = {d: s for d, s in seqs.items() if self._last_seq.get(d) != s}
             db.executemany(
-                "INSERT INTO device_seq (device, last_seq) VALUES (?, ?) "
+                "INSERT INTO device_seq (device, first_seq, last_seq) VALUES (?, ?, ?) "
                 "ON CONFLICT(device) DO UPDATE SET last_seq = excluded.last_seq",
-                list(changed.items()))
+                [(d, firsts.get(d, 0), s) for d, s in changed.items()])
             db.execute("COMMIT")
         except BaseException:
-            db.execute("ROLLBACK")
+            if db.in_transaction:  # SQLite has already rolled back after SQLITE_FULL
+                db.execute("ROLLBACK")
             raise
         # In-memory state follows the database only once the commit succeeded.
         self._last_seq = seqs
@@ -259,15 +392,47 @@ class ReadingBuffer:
 
     # -- reading and acknowledging ---------------------------------------------------------
 
-    async def fetch(self, after_id: int, limit: int) -> list[StoredReading]:
-        """Up to ``limit`` committed readings with row id > ``after_id``, oldest first."""
-        return await self._run(self._fetch_sync, after_id, limit)
+    async def fetch(self, after_id: int, limit: int, before_id: int | None = None) -> list[StoredReading]:
+        """Up to ``limit`` committed readings with ``after_id < row id < before_id``, oldest first."""
+        return await self._run(self._fetch_sync, after_id, limit, before_id)
 
-    def _fetch_sync(self, after_id: int, limit: int) -> list[StoredReading]:
+    async def fetch_newest(self, limit: int, before_id: int | None = None) -> list[StoredReading]:
+        """The newest ``limit`` readings with row id < ``before_id``, in row order."""
+        def newest() -> list[StoredReading]:
+            assert self._db is not None
+            hi = before_id if before_id is not None else 2**63 - 1
+            row = self._db.execute("SELECT id FROM readings WHERE id < ? ORDER BY id DESC LIMIT 1 OFFSET ?",
+                                   (hi, limit)).fetchone()
+            return self._fetch_sync(row[0] if row else 0, limit, before_id)
+        return await self._run(newest)
+
+    async def max_id(self) -> int:
+        """Highest row id in the buffer (0 when empty)."""
+        def top() -> int:
+            assert self._db is not None
+            return int(self._db.execute("SELECT coalesce(max(id), 0) FROM readings").fetchone()[0])
+        return await self._run(top)
+
+    async def events(self, limit: int = 100) -> list[BufferEvent]:
+        """Events waiting to be published, oldest first."""
+        def rows() -> list[BufferEvent]:
+            assert self._db is not None
+            return [BufferEvent(i, ts, t, m, d, json.loads(det)) for i, ts, t, m, d, det in self._db.execute(
+                "SELECT id, ts, type, message, dropped, details FROM events ORDER BY id LIMIT ?", (limit,))]
+        return await self._run(rows)
+
+    async def ack_event(self, row_id: int) -> None:
+        """Remove a published event."""
+        def delete() -> None:
+            assert self._db is not None
+            self._db.execute("DELETE FROM events WHERE id = ?", (row_id,))
+        await self._run(delete)
+
+    def _fetch_sync(self, after_id: int, limit: int, before_id: int | None = None) -> list[StoredReading]:
         assert self._db is not None
         cur = self._db.execute(
-            "SELECT id, series, seq, ts, value, quality FROM readings WHERE id > ? ORDER BY id LIMIT ?",
-            (after_id, limit))
+            "SELECT id, series, seq, ts, value, quality FROM readings WHERE id > ? AND id < ? ORDER BY id LIMIT ?",
+            (after_id, before_id if before_id is not None else 2**63 - 1, limit))
         out = []
         series = self._series_by_id
         for rid, sid, seq, ts, value, q in cur:

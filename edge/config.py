@@ -58,6 +58,10 @@ class BufferSection(_Section):
     flush_interval_ms: Annotated[int, Field(ge=1, le=10_000)] = 100
     """Readings are committed in one transaction at most this long after they were polled."""
     flush_max_readings: Annotated[int, Field(ge=1, le=100_000)] = 5000
+    max_bytes: Annotated[int, Field(ge=1_048_576)] = 512 * 2**20
+    """Cap on the readings in the buffer file. At the cap the oldest half of the backlog is
+    thinned to half resolution, then the oldest readings are dropped; never the newest. Each
+    time is counted and reported to the hub as a ``buffer_thinned`` event (docs/delivery.md)."""
 
 
 class MetricsSection(_Section):

@@ -23,7 +23,16 @@ from edge.metrics import EdgeMetrics
 from edge.reading import StoredReading
 from protocol import topics
 from protocol.logs import get_logger
-from protocol.schema import DeviceInfoV1, DeviceKind, GatewayState, StatusV1, encode, encode_telemetry_v1
+from protocol.schema import (
+    DeviceInfoV1,
+    DeviceKind,
+    EventType,
+    EventV1,
+    GatewayState,
+    StatusV1,
+    encode,
+    encode_telemetry_v1,
+)
 
 log = get_logger("edge.uplink")
 
@@ -46,6 +55,7 @@ class Uplink:
         self.gateway = cfg.gateway.name
         self.telemetry_topic = topics.telemetry_topic(self.site, self.gateway)
         self.status_topic = topics.status_topic(self.site, self.gateway)
+        self.events_topic = topics.events_topic(self.site, self.gateway)
         self.connected = asyncio.Event()
         self._client: aiomqtt.Client | None = None
 
@@ -94,11 +104,18 @@ class Uplink:
             delay = min(delay * 2, self.cfg.mqtt.reconnect_max_s)
 
     async def _forward(self, client: aiomqtt.Client) -> None:
+        """Hand readings to the broker: live ones first, the backlog in between.
+
+        Rows committed after this connection was made are *live*; older rows are the *backlog*
+        of an outage. The newest backlog batch goes first (the hub learns the latest state at
+        once), then live rows whenever there are any, and backlog batches oldest-first in the
+        gaps. At most ``max_inflight`` batches await their PUBACK at any time, so a day of
+        backlog drains in large batches without ever being held in memory.
+        """
         m = self.cfg.mqtt
         slots = asyncio.Semaphore(m.max_inflight)
         inflight: set[asyncio.Task[None]] = set()
         failed: asyncio.Future[BaseException] = asyncio.get_running_loop().create_future()
-        cursor = 0  # highest row id handed to a publish on this connection
 
         def done(task: asyncio.Task[None]) -> None:
             inflight.discard(task)
@@ -106,31 +123,63 @@ class Uplink:
             if not task.cancelled() and task.exception() and not failed.done():
                 failed.set_result(task.exception())  # type: ignore[arg-type]
 
+        async def publish(rows: list[StoredReading]) -> bool:
+            await self._wait_any(slots.acquire(), failed)
+            if failed.done():
+                return False  # the semaphore dies with this connection; no need to give a slot back
+            task = asyncio.create_task(self._publish(client, rows))
+            inflight.add(task)
+            task.add_done_callback(done)
+            return True
+
+        live_cursor = await self.buffer.max_id()
+        backlog_end = live_cursor + 1  # backlog rows: backlog_cursor < id < backlog_end
+        backlog_cursor: int | None = 0
         try:
+            if live_cursor:
+                newest = await self.buffer.fetch_newest(m.batch_max_readings, before_id=backlog_end)
+                if newest:
+                    log.info("backlog_drain_started", backlog=self.buffer.backlog)
+                    backlog_end = newest[0].row_id
+                    await publish(newest)
             while not failed.done():
+                if self.buffer.events_waiting:
+                    await self._publish_events(client)
                 self.buffer.new_data.clear()
-                rows = await self.buffer.fetch(cursor, m.batch_max_readings)
-                if not rows:
-                    await self._wait_any(self.buffer.new_data.wait(), failed)
+                live = await self.buffer.fetch(live_cursor, m.batch_max_readings)
+                wait_ms = m.batch_max_delay_ms - (now_ms() - live[0].ts_ms) if live else 0
+                if live and (len(live) >= m.batch_max_readings or wait_ms <= 0):
+                    live_cursor = live[-1].row_id
+                    await publish(live)
                     continue
-                wait_ms = m.batch_max_delay_ms - (now_ms() - rows[0].ts_ms)
-                if len(rows) < m.batch_max_readings and wait_ms > 0:
+                if backlog_cursor is not None:
+                    old = await self.buffer.fetch(backlog_cursor, m.batch_max_readings, before_id=backlog_end)
+                    if old:
+                        backlog_cursor = old[-1].row_id
+                        await publish(old)
+                        continue
+                    backlog_cursor = None
+                    log.info("backlog_handed_over", backlog=self.buffer.backlog)
+                if live:
                     # Let a part-filled batch grow for up to batch_max_delay_ms after its oldest
                     # reading was taken: fewer, larger messages are what make QoS 1 fast.
                     await self._wait_any(asyncio.sleep(wait_ms / 1000), failed)
-                    continue
-                await self._wait_any(slots.acquire(), failed)
-                if failed.done():
-                    break  # the semaphore dies with this connection; no need to give a slot back
-                cursor = rows[-1].row_id
-                task = asyncio.create_task(self._publish(client, rows))
-                inflight.add(task)
-                task.add_done_callback(done)
+                else:
+                    await self._wait_any(self.buffer.new_data.wait(), failed)
             raise failed.result()
         finally:
             for t in list(inflight):
                 t.cancel()
             await asyncio.gather(*inflight, return_exceptions=True)
+
+    async def _publish_events(self, client: aiomqtt.Client) -> None:
+        self.buffer.events_waiting = False
+        for ev in await self.buffer.events():
+            payload = encode(EventV1(site=self.site, gateway=self.gateway, ts=ev.ts_ms, type=EventType(ev.type),
+                                     message=ev.message[:1000], readings_dropped=ev.dropped, details=ev.details))
+            await client.publish(self.events_topic, payload, qos=1)
+            await self.buffer.ack_event(ev.row_id)
+            log.info("event_published", type=ev.type, readings_dropped=ev.dropped)
 
     @staticmethod
     async def _wait_any(aw: Awaitable[object], failed: asyncio.Future[BaseException]) -> None:

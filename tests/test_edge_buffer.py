@@ -4,11 +4,12 @@ from __future__ import annotations
 
 import asyncio
 import sqlite3
+import time
 from pathlib import Path
 
 import pytest
 
-from edge.buffer import ReadingBuffer
+from edge.buffer import SEQ_EPOCH_FACTOR, ReadingBuffer
 from edge.reading import Reading
 from protocol.schema import Quality
 
@@ -31,8 +32,11 @@ async def test_sequence_numbers_are_per_device_and_survive_reopen(tmp_path: Path
     await buf.submit(readings("boiler-1", 3) + readings("meter-1", 2) + readings("boiler-1", 1, 3))
     assert await buf.flush() == 6
     rows = await buf.fetch(0, 100)
+    b0, m0 = rows[0].seq, rows[3].seq  # first numbers come from the clock (epoch ms x 1000 + 1)
+    assert abs(b0 // SEQ_EPOCH_FACTOR - time.time() * 1000) < 10_000
     assert [(r.device, r.seq) for r in rows] == [
-        ("boiler-1", 1), ("boiler-1", 2), ("boiler-1", 3), ("meter-1", 1), ("meter-1", 2), ("boiler-1", 4)]
+        ("boiler-1", b0), ("boiler-1", b0 + 1), ("boiler-1", b0 + 2), ("meter-1", m0), ("meter-1", m0 + 1),
+        ("boiler-1", b0 + 3)]
     assert [r.value for r in rows if r.device == "boiler-1"] == [60.0, 60.1, 60.2, 60.3]
     await buf.ack(rows[0].row_id, rows[-1].row_id)
     await buf.close()
@@ -42,7 +46,9 @@ async def test_sequence_numbers_are_per_device_and_survive_reopen(tmp_path: Path
     await again.submit(readings("boiler-1", 1))
     await again.flush()
     (row,) = await again.fetch(0, 10)
-    assert (row.device, row.seq) == ("boiler-1", 5)  # never reused after a restart
+    assert (row.device, row.seq) == ("boiler-1", b0 + 4)  # never reused after a restart
+    with sqlite3.connect(tmp_path / "b.db") as db:
+        assert dict(db.execute("SELECT device, first_seq FROM device_seq")) == {"boiler-1": b0, "meter-1": m0}
     await again.close()
 
 
@@ -51,13 +57,14 @@ async def test_unacknowledged_readings_survive_reopen_and_ack_removes_exact_rang
     await buf.submit(readings("boiler-1", 10))
     await buf.flush()
     rows = await buf.fetch(0, 4)
+    s0 = rows[0].seq
     assert await buf.ack(rows[0].row_id, rows[-1].row_id) == 4
     await buf.close()
     again = await opened(tmp_path / "b.db")
     assert again.backlog == 6
-    assert [r.seq for r in await again.fetch(0, 100)] == [5, 6, 7, 8, 9, 10]
+    assert [r.seq - s0 for r in await again.fetch(0, 100)] == [4, 5, 6, 7, 8, 9]
     # fetch after a cursor skips what is already in flight
-    assert [r.seq for r in await again.fetch(rows[-1].row_id + 2, 100)] == [7, 8, 9, 10]
+    assert [r.seq - s0 for r in await again.fetch(rows[-1].row_id + 2, 100)] == [6, 7, 8, 9]
     await again.close()
 
 
@@ -107,17 +114,79 @@ async def test_failed_commit_keeps_readings_pending(tmp_path: Path) -> None:
     assert buf.pending == 2
     buf._pending.pop(0)  # drop the poisoned reading the test planted
     await buf.flush()
-    assert [r.seq for r in await buf.fetch(0, 10)] == [1]  # the failed transaction used no sequence number
+    with sqlite3.connect(tmp_path / "b.db") as db:  # the failed transaction used no sequence number
+        (first, last), = db.execute("SELECT first_seq, last_seq FROM device_seq").fetchall()
+    assert [r.seq for r in await buf.fetch(0, 10)] == [first] and first == last
     await buf.close()
 
 
-async def test_corrupt_file_is_moved_aside_and_agent_continues(tmp_path: Path) -> None:
+async def test_corrupt_file_is_moved_aside_and_numbering_continues(tmp_path: Path) -> None:
     path = tmp_path / "b.db"
+    old = await opened(path)
+    await old.submit(readings("boiler-1", 3))
+    await old.flush()
+    old_last = old.last_seq("boiler-1")
+    await old.close()
     path.write_bytes(b"this is not a database" * 100)
+    for suffix in ("-wal", "-shm"):
+        Path(str(path) + suffix).unlink(missing_ok=True)
     buf = await opened(path)
     assert buf.moved_aside is not None and buf.moved_aside.exists()
     assert buf.moved_aside.read_bytes().startswith(b"this is not a database")
     await buf.submit(readings("boiler-1", 2))
     await buf.flush()
     assert buf.backlog == 2
+    # A fresh file must not restart at the numbers the lost one used: the hub would take the new
+    # readings for duplicates and drop them.
+    assert min(r.seq for r in await buf.fetch(0, 10)) > old_last
+    (event,) = await buf.events()
+    assert event.type == "buffer_corrupt" and event.details["moved_to"] == str(buf.moved_aside)
+    await buf.close()
+
+
+async def test_cap_thins_oldest_half_then_drops_and_never_touches_the_newest(tmp_path: Path) -> None:
+    buf = await opened(tmp_path / "b.db", max_bytes=2 * 2**20)
+    dropped: list[int] = []
+    buf.on_dropped = dropped.append
+    ts = 0
+    for _ in range(40):  # far more than 2 MiB of readings, in commits like a long outage
+        batch = []
+        for _i in range(2000):
+            ts += 1
+            batch += [Reading("boiler-1", "flow_temp", ts, 60.0, "degC"), Reading("meter-1", "power", ts, 1.5, "kW")]
+        await buf.submit(batch)
+        await buf.flush()
+    newest_ts = ts
+    size = await buf.size_bytes()
+    with sqlite3.connect(tmp_path / "b.db") as db:
+        used = db.execute("SELECT (SELECT page_count FROM pragma_page_count()) - "
+                          "(SELECT freelist_count FROM pragma_freelist_count())").fetchone()[0] * 4096
+    assert used <= 2 * 2**20, used
+    assert size < 4 * 2**20  # the file (with its WAL) stays near the cap, not 40 batches (~5 MiB) big
+    rows = await buf.fetch(0, 10**6)
+    assert buf.backlog == len(rows) and sum(dropped) == 160_000 - len(rows) == buf.dropped_total
+    # the newest batch is complete, at full resolution, for both series
+    assert {r.ts_ms for r in rows if r.device == "boiler-1"} >= set(range(newest_ts - 1999, newest_ts + 1))
+    # older data is thinned: fewer readings per unit of time at the start than at the end
+    first_half = [r for r in rows if r.ts_ms <= newest_ts // 2]
+    assert len(first_half) < len(rows) / 2
+    events = await buf.events()
+    assert events and all(e.type == "buffer_thinned" for e in events)
+    assert sum(e.dropped for e in events) == sum(dropped)
+    await buf.close()
+
+
+async def test_disk_full_makes_room_and_keeps_capturing(tmp_path: Path) -> None:
+    buf = await opened(tmp_path / "b.db")
+    await buf.submit(readings("boiler-1", 3000))
+    await buf.flush()
+    # Emulate a full file system: SQLite may not grow the file any further.
+    pages = await buf._run(lambda: buf._db.execute("PRAGMA page_count").fetchone()[0])  # type: ignore[union-attr]
+    await buf._run(lambda: buf._db.execute(f"PRAGMA max_page_count = {pages}"))  # type: ignore[union-attr]
+    for i in range(10):
+        await buf.submit(readings("boiler-1", 1000, start=10_000 + i * 1000))
+        await buf.flush()
+    rows = await buf.fetch(0, 10**6)
+    assert rows[-1].value == pytest.approx(60.0 + (10_000 + 9999) / 10)  # the newest reading is in
+    assert buf.dropped_total > 0 and buf.backlog == len(rows)
     await buf.close()

@@ -76,7 +76,12 @@ async def test_batches_reach_broker_and_leave_buffer_only_after_ack(mosquitto: M
         up = Uplink(config(mosquitto, tmp_path), buf, DEVICES, metrics)
         task = asyncio.create_task(up.run())
         got = await collect(sub, 1000)
-        assert got == [(i + 1, float(i)) for i in range(1000)]  # all, once, in order
+        s0 = min(got)[0]
+        assert sorted(got) == [(s0 + i, float(i)) for i in range(1000)]  # all, once
+        # Latest state first: the newest batch went out before the older backlog, which then
+        # followed oldest first.
+        assert got[:250] == [(s0 + i, float(i)) for i in range(750, 1000)]
+        assert got[250:] == [(s0 + i, float(i)) for i in range(750)]
         assert await drained(buf) == 0
         assert metrics.published_readings._value.get() == 1000
         assert metrics.published_batches._value.get() == 4  # 250 per message
@@ -103,7 +108,8 @@ async def test_outage_keeps_readings_and_delivers_them_after_reconnect(mosquitto
         await buf.submit(batch(200, start=300))
         await buf.flush()
         got = await collect(sub, 500)
-    assert sorted(got) == [(i + 1, float(i)) for i in range(500)]
+    s0 = min(got)[0]
+    assert sorted(got) == [(s0 + i, float(i)) for i in range(500)]
     assert len({s for s, _ in got}) == len(got)
     assert await drained(buf) == 0
     task.cancel()
