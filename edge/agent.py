@@ -36,6 +36,7 @@ class EdgeAgent:
         b = cfg.buffer
         self.buffer = ReadingBuffer(b.path, b.synchronous, b.flush_interval_ms, b.flush_max_readings, b.max_bytes)
         self.buffer.on_commit = self.metrics.committed.inc
+        self.buffer.on_dropped = self.metrics.buffer_dropped.inc
         self.devices = {d.name: (profiles[d.name].profile.kind.value, profiles[d.name].name) for d in cfg.devices}
         self.uplink = Uplink(cfg, self.buffer, self.devices, self.metrics)
         drivers = build_drivers(cfg, profiles)

@@ -23,6 +23,8 @@ class EdgeMetrics:
         self.committed = Counter("twin_edge_buffer_committed_readings", "Readings committed to the buffer",
                                  registry=r)
         self.backlog = Gauge("twin_edge_buffer_backlog_readings", "Readings waiting for the broker", registry=r)
+        self.buffer_dropped = Counter("twin_edge_buffer_dropped_readings",
+                                      "Readings removed by the disk cap or a full disk (never sent)", registry=r)
         self.buffer_bytes = Gauge("twin_edge_buffer_bytes", "Buffer size on disk", registry=r)
         self.published_readings = Counter("twin_edge_published_readings", "Readings acknowledged by the broker",
                                           registry=r)
