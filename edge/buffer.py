@@ -71,8 +71,10 @@ CREATE TABLE IF NOT EXISTS events (
     id INTEGER PRIMARY KEY, ts INTEGER NOT NULL, type TEXT NOT NULL, message TEXT NOT NULL,
     dropped INTEGER NOT NULL, details TEXT NOT NULL
 );
+-- AUTOINCREMENT: row ids must never be reused, or a reading committed after the buffer ran
+-- empty would get an id below the uplink's cursor and never be sent.
 CREATE TABLE IF NOT EXISTS readings (
-    id INTEGER PRIMARY KEY,
+    id INTEGER PRIMARY KEY AUTOINCREMENT,
     series INTEGER NOT NULL REFERENCES series(id),
     seq INTEGER NOT NULL,
     ts INTEGER NOT NULL,
@@ -183,8 +185,17 @@ class ReadingBuffer:
         row = db.execute("SELECT value FROM meta WHERE key='schema_version'").fetchone() if db.execute(
             "SELECT 1 FROM sqlite_master WHERE name='meta'").fetchone() else None
         if row is not None and int(row[0]) == 1:
-            db.execute("ALTER TABLE device_seq ADD COLUMN first_seq INTEGER NOT NULL DEFAULT 1")
-            db.execute("UPDATE meta SET value = '2' WHERE key = 'schema_version'")
+            db.executescript("""
+                BEGIN;
+                ALTER TABLE device_seq ADD COLUMN first_seq INTEGER NOT NULL DEFAULT 1;
+                ALTER TABLE readings RENAME TO readings_v1;
+                CREATE TABLE readings (id INTEGER PRIMARY KEY AUTOINCREMENT, series INTEGER NOT NULL
+                    REFERENCES series(id), seq INTEGER NOT NULL, ts INTEGER NOT NULL, value,
+                    quality INTEGER NOT NULL);
+                INSERT INTO readings SELECT * FROM readings_v1;
+                DROP TABLE readings_v1;
+                UPDATE meta SET value = '2' WHERE key = 'schema_version';
+                COMMIT;""")
             row = ("2",)
         db.executescript(_SCHEMA)
         if row is None:

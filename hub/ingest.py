@@ -4,7 +4,8 @@ Delivery semantics (``docs/hub.md``, "Delivery"): the hub keeps a persistent MQT
 client id, ``clean_session=False``) and acknowledges a QoS 1 message only after the batch
 containing it is committed. A hub that crashes or loses the database therefore never loses a
 message: the broker redelivers whatever was not acknowledged, and the ``(device, seq)`` unique
-key turns the redelivery into counted duplicates instead of double rows.
+key (``(gateway, ts, type)`` for gateway events) turns the redelivery into counted duplicates
+instead of double rows.
 
 Two tasks share one queue: the *receiver* decodes messages as they arrive (so decoding overlaps
 with the database work of the previous batch) and the *writer* groups them into batches of at
@@ -25,14 +26,22 @@ import aiomqtt
 
 from hub.config import IngestConfig, MqttConfig
 from hub.metrics import HubMetrics
-from hub.store import StatusItem, Store, TelemetryItem
+from hub.store import EventItem, StatusItem, Store, TelemetryItem, check_event
 from protocol.logs import get_logger
-from protocol.schema import SchemaError, StatusV1, TelemetryV1, decode_status, decode_telemetry
+from protocol.schema import (
+    EventV1,
+    SchemaError,
+    StatusV1,
+    TelemetryV1,
+    decode_event,
+    decode_status,
+    decode_telemetry,
+)
 from protocol.topics import parse_topic, subscription
 
 log = get_logger("hub.ingest")
 
-Kind = Literal["telemetry", "status", "rejected"]
+Kind = Literal["telemetry", "status", "event", "rejected"]
 
 
 @dataclass(slots=True)
@@ -44,7 +53,7 @@ class _Pending:
     qos: int
     kind: Kind
     readings: int
-    item: TelemetryItem | StatusItem | None
+    item: TelemetryItem | StatusItem | EventItem | None
 
 
 def classify_schema_error(message: str) -> str:
@@ -94,12 +103,16 @@ class Ingest:
 
     @property
     def topics(self) -> list[str]:
-        """Subscription filters: telemetry (shared when a group is set) and status.
+        """Subscription filters: telemetry and events (shared when a group is set), and status.
 
         Status stays a plain subscription: every hub of a group needs every gateway's state,
-        and brokers do not send retained messages to shared subscriptions.
+        and brokers do not send retained messages to shared subscriptions. Events are not
+        retained and only go to the database the group shares, so, like telemetry, each is
+        handed to one hub of the group (the ``(gateway, ts, type)`` key absorbs redeliveries).
         """
-        return [subscription("telemetry", share_group=self.mqtt.share_group), subscription("status")]
+        group = self.mqtt.share_group
+        return [subscription("telemetry", share_group=group), subscription("status"),
+                subscription("events", share_group=group)]
 
     @property
     def pending(self) -> int:
@@ -214,7 +227,7 @@ class Ingest:
         topic_str = message.topic.value
         payload = message.payload
         kind: Kind = "rejected"
-        item: TelemetryItem | StatusItem | None = None
+        item: TelemetryItem | StatusItem | EventItem | None = None
         readings = 0
         channel = "unknown"
         try:
@@ -222,19 +235,27 @@ class Ingest:
             channel = topic.channel
             if not isinstance(payload, bytes | bytearray):
                 raise SchemaError("payload is not bytes")
-            decoded: TelemetryV1 | StatusV1
+            decoded: TelemetryV1 | StatusV1 | EventV1
             if topic.channel == "telemetry":
                 decoded = decode_telemetry(bytes(payload), expect_version=topic.version)
-            else:
+            elif topic.channel == "status":
                 decoded = decode_status(bytes(payload), expect_version=topic.version)
+            else:
+                decoded = decode_event(bytes(payload), expect_version=topic.version)
             if decoded.site != topic.site or decoded.gateway != topic.gateway:
                 raise _Rejected("site_mismatch",
                                 f"payload names {decoded.site}/{decoded.gateway}, topic {topic.site}/"
                                 f"{topic.gateway}")
             if isinstance(decoded, TelemetryV1):
                 kind, item, readings = "telemetry", TelemetryItem(decoded, received), len(decoded.readings)
-            else:
+            elif isinstance(decoded, StatusV1):
                 kind, item = "status", StatusItem(decoded, received)
+            else:
+                try:
+                    check_event(decoded)
+                except ValueError as exc:
+                    raise _Rejected("invalid", f"event: {exc}") from None
+                kind, item = "event", EventItem(decoded, received)
         except _Rejected as exc:
             self._reject(topic_str, exc.reason, exc.detail)
         except SchemaError as exc:
@@ -287,12 +308,13 @@ class Ingest:
     async def _commit(self, batch: list[_Pending]) -> None:
         telemetry = [p.item for p in batch if isinstance(p.item, TelemetryItem)]
         statuses = [p.item for p in batch if isinstance(p.item, StatusItem)]
-        if telemetry or statuses:
+        events = [p.item for p in batch if isinstance(p.item, EventItem)]
+        if telemetry or statuses or events:
             backoff = 0.1
             while True:
                 started = time.perf_counter()
                 try:
-                    result = await self.store.write(telemetry, statuses)
+                    result = await self.store.write(telemetry, statuses, events)
                 except asyncio.CancelledError:
                     raise
                 except Exception as exc:  # the database is down or refused the batch: retry
@@ -306,6 +328,8 @@ class Ingest:
                     backoff = min(backoff * 2, 5.0)
                     continue
                 self.metrics.batch(time.perf_counter() - started, result.readings, result.inserted)
+                if result.events:
+                    self.metrics.events(result.events, result.events_inserted)
                 break
         self._ack(batch)
 

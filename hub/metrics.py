@@ -6,11 +6,14 @@ Each hub has its own ``CollectorRegistry`` so two hubs in one process (tests) do
 from __future__ import annotations
 
 from collections import Counter as _Tally
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
 from prometheus_client.exposition import CONTENT_TYPE_LATEST
+
+from protocol.schema import EventType
 
 CONTENT_TYPE = CONTENT_TYPE_LATEST
 
@@ -20,9 +23,16 @@ class IngestStats:
     """Totals since the hub started."""
 
     messages: int = 0
-    """MQTT messages received (telemetry + status, valid or not)."""
+    """MQTT messages received (telemetry + status + events, valid or not)."""
     telemetry_messages: int = 0
     status_messages: int = 0
+    event_messages: int = 0
+    """Messages received on the events channel (valid or not)."""
+    events: int = 0
+    """Gateway events newly stored (an event already stored is not counted again)."""
+    events_by_type: _Tally[str] = field(default_factory=_Tally)
+    event_duplicates: int = 0
+    """Valid events that were already stored (QoS 1 redelivery, a gateway resending)."""
     readings_received: int = 0
     """Readings in valid telemetry messages that reached a committed batch."""
     readings_stored: int = 0
@@ -39,9 +49,7 @@ class IngestStats:
 
     def as_dict(self) -> dict[str, Any]:
         """JSON-friendly copy."""
-        d = {k: v for k, v in self.__dict__.items() if k != "malformed_by_reason"}
-        d["malformed_by_reason"] = dict(self.malformed_by_reason)
-        return d
+        return {k: dict(v) if isinstance(v, _Tally) else v for k, v in self.__dict__.items()}
 
 
 BATCH_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0)
@@ -69,18 +77,27 @@ class HubMetrics:
                                          buckets=(1, 10, 100, 500, 1000, 2500, 5000, 10000, 50000),
                                          registry=r)
         self._db_errors = Counter("twin_hub_db_errors", "Failed batch commits (retried)", registry=r)
+        self._events = Counter("twin_hub_gateway_events", "Gateway events newly stored, by type", ["type"],
+                               registry=r)
+        for event_type in EventType:  # every known type is exported from the start, at 0
+            self._events.labels(event_type.value)
+        self._event_duplicates = Counter("twin_hub_gateway_events_duplicate",
+                                         "Gateway events ignored because (gateway, ts, type) was already stored",
+                                         registry=r)
         self._reconnects = Counter("twin_hub_mqtt_reconnects", "MQTT connection losses", registry=r)
         self.mqtt_connected = Gauge("twin_hub_mqtt_connected", "1 while connected and subscribed", registry=r)
         self.queue_depth = Gauge("twin_hub_ingest_queue_messages", "Messages received, not yet committed",
                                  registry=r)
 
     def message(self, channel: str) -> None:
-        """Count one received message of ``channel`` (telemetry, status or unknown)."""
+        """Count one received message of ``channel`` (telemetry, status, events or unknown)."""
         self.stats.messages += 1
         if channel == "telemetry":
             self.stats.telemetry_messages += 1
         elif channel == "status":
             self.stats.status_messages += 1
+        elif channel == "events":
+            self.stats.event_messages += 1
         self._messages.labels(channel).inc()
 
     def malformed(self, reason: str) -> None:
@@ -101,6 +118,18 @@ class HubMetrics:
         self._readings_received.inc(readings)
         self._stored.inc(inserted)
         self._duplicates.inc(readings - inserted)
+
+    def events(self, received: int, stored_by_type: Mapping[str, int]) -> None:
+        """Count the events of one committed batch: ``received`` in total, of which
+        ``stored_by_type`` were new."""
+        stored = sum(stored_by_type.values())
+        self.stats.events += stored
+        self.stats.event_duplicates += received - stored
+        self._event_duplicates.inc(received - stored)
+        for event_type, n in stored_by_type.items():
+            if n:
+                self.stats.events_by_type[event_type] += n
+                self._events.labels(event_type).inc(n)
 
     def db_error(self) -> None:
         """Count one failed commit."""

@@ -91,3 +91,30 @@ class Reading(Model):
         # metric"; (device, ts_ms): a time range over all metrics. Both are nearly append-only
         # (timestamps grow), so they cost little at insert time (measured: ~1%).
         indexes = (("device", "metric", "ts_ms"), ("device", "ts_ms"))
+
+
+class GatewayEvent(Model):
+    """Something a gateway reported that is not a reading (buffer thinned, corrupt, full).
+
+    ``(gateway, ts_ms, type)`` is unique: a QoS 1 redelivery, a gateway resending, or two hubs
+    storing the same message keep one row (the first stored wins).
+    """
+
+    id = fields.BigIntField(primary_key=True)
+    gateway: fields.ForeignKeyRelation[Gateway] = fields.ForeignKeyField(
+        "models.Gateway", related_name="events", on_delete=fields.CASCADE)
+    gateway_id: int
+    # Gateway clock time of the event.
+    ts_ms = fields.BigIntField()
+    type = fields.CharField(max_length=32)
+    message = fields.TextField(default="")
+    # Readings the gateway removed from its buffer without sending them.
+    readings_dropped = fields.BigIntField(default=0)
+    details: fields.Field[dict[str, int | float | str]] = fields.JSONField(default=dict)
+    # Hub clock time when the event arrived.
+    received_ms = fields.BigIntField()
+
+    class Meta:
+        table = "gateway_event"
+        # Also the index of "events of one gateway, newest first" (gateway_id, ts_ms DESC).
+        unique_together = (("gateway", "ts_ms", "type"),)

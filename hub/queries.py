@@ -8,8 +8,8 @@ from typing import Any
 from tortoise.functions import Count
 
 from hub.db import Database
-from hub.models import Device, Gateway, Reading
-from protocol.ids import device_uid, split_device_uid
+from hub.models import Device, Gateway, GatewayEvent, Reading
+from protocol.ids import device_uid, is_valid_name, split_device_uid
 
 
 @dataclass(frozen=True, slots=True)
@@ -67,6 +67,34 @@ class GatewayRow:
     first_seen_ms: int
     last_seen_ms: int | None
     devices: int
+    readings_dropped: int
+    """Sum of ``readings_dropped`` over the gateway's stored events."""
+
+
+@dataclass(frozen=True, slots=True)
+class GatewayRef:
+    """A gateway's primary key and names."""
+
+    pk: int
+    site: str
+    name: str
+
+    @property
+    def uid(self) -> str:
+        """``site.gateway``."""
+        return f"{self.site}.{self.name}"
+
+
+@dataclass(frozen=True, slots=True)
+class EventRow:
+    """A stored gateway event, columns as in the database."""
+
+    ts_ms: int
+    type: str
+    message: str
+    readings_dropped: int
+    details: dict[str, Any]
+    received_ms: int
 
 
 _DEVICE_FIELDS = ("id", "gateway__site__name", "gateway__name", "name", "kind", "profile",
@@ -145,14 +173,47 @@ async def readings(db: Database, device_pk: int, metric: str | None = None, sinc
     return [ReadingRow(*r) for r in rows]
 
 
+# SQLite's SUM raises on 64-bit overflow; TOTAL never does (a float, exact below 2**53).
+# PostgreSQL's SUM of bigint is numeric and cannot overflow.
+_DROPPED_SQL = "SELECT gateway_id, {fn}(readings_dropped) AS n FROM gateway_event GROUP BY gateway_id"
+
+
 async def list_gateways(db: Database) -> list[GatewayRow]:
-    """All gateways with their device counts, ordered by site and name."""
+    """All gateways with their device counts and dropped readings, ordered by site and name."""
     with db.activate():
         rows = await Gateway.all().order_by("site__name", "name").values(
             "id", "site__name", "name", "state", "state_ts_ms", "agent_version", "backlog",
             "first_seen_ms", "last_seen_ms")
         counts = await Device.all().group_by("gateway_id").annotate(n=Count("id")).values("gateway_id", "n")
+        dropped = await db.conn.execute_query_dict(
+            _DROPPED_SQL.format(fn="TOTAL" if db.dialect == "sqlite" else "SUM"))
     per_gateway = {c["gateway_id"]: c["n"] for c in counts}
+    dropped_per_gateway = {d["gateway_id"]: int(d["n"]) for d in dropped}
     return [GatewayRow(r["id"], r["site__name"], r["name"], r["state"], r["state_ts_ms"], r["agent_version"],
-                       r["backlog"], r["first_seen_ms"], r["last_seen_ms"], per_gateway.get(r["id"], 0))
+                       r["backlog"], r["first_seen_ms"], r["last_seen_ms"], per_gateway.get(r["id"], 0),
+                       dropped_per_gateway.get(r["id"], 0))
             for r in rows]
+
+
+async def find_gateway(db: Database, uid: str) -> GatewayRef | None:
+    """The gateway with id ``site.gateway``; ``None`` if unknown or not of that form."""
+    parts = uid.split(".")
+    if len(parts) != 2 or not all(is_valid_name(p) for p in parts):
+        return None
+    with db.activate():
+        row = await Gateway.filter(name=parts[1], site__name=parts[0]).first().values("id")
+    return GatewayRef(row["id"], parts[0], parts[1]) if row else None
+
+
+async def events(db: Database, gateway_pk: int, since_ms: int | None = None, until_ms: int | None = None,
+                 limit: int = 100) -> list[EventRow]:
+    """Events of a gateway with ``ts`` in ``[since, until)``, newest first, at most ``limit``."""
+    with db.activate():
+        q = GatewayEvent.filter(gateway_id=gateway_pk)
+        if since_ms is not None:
+            q = q.filter(ts_ms__gte=since_ms)
+        if until_ms is not None:
+            q = q.filter(ts_ms__lt=until_ms)
+        rows = await q.order_by("-ts_ms", "-id").limit(limit).values_list(
+            "ts_ms", "type", "message", "readings_dropped", "details", "received_ms")
+    return [EventRow(*r) for r in rows]

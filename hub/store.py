@@ -1,10 +1,14 @@
-"""Batch writer: validated telemetry and status messages into the database, one transaction each.
+"""Batch writer: validated telemetry, status and event messages into the database, one transaction
+per batch.
 
 Readings are inserted with ``INSERT ... ON CONFLICT (device_id, seq) DO NOTHING`` so a batch that
 the broker redelivers (QoS 1 is at-least-once) or that a retry writes twice is stored once. The
 insert goes through the Tortoise connection as one parametrised statement per batch instead of
 ``Reading.bulk_create``: building a model object per reading costs more than the whole SQLite
 insert (see ``docs/hub.md``, "Performance").
+
+Gateway events are inserted with ``ON CONFLICT (gateway_id, ts_ms, type) DO NOTHING`` for the same
+reason; the statement's ``RETURNING`` tells which of them were new.
 
 Sites, gateways and devices are created on first sight and their ids cached, so the hot path
 does no per-reading lookups.
@@ -13,6 +17,8 @@ does no per-reading lookups.
 from __future__ import annotations
 
 import json
+import math
+from collections import Counter
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any
@@ -23,7 +29,7 @@ from tortoise.transactions import in_transaction
 from hub.db import Database
 from hub.models import Device, Gateway, Site
 from protocol.logs import get_logger
-from protocol.schema import DeviceInfoV1, StatusV1, TelemetryV1
+from protocol.schema import DeviceInfoV1, EventV1, StatusV1, TelemetryV1
 
 log = get_logger("hub.store")
 
@@ -53,6 +59,18 @@ _INSERT_POSTGRES = (
 )
 
 
+_INSERT_EVENT = (
+    "INSERT INTO gateway_event (gateway_id, ts_ms, type, message, readings_dropped, details, received_ms) "
+    "VALUES (?, ?, ?, ?, ?, ?, ?) ON CONFLICT (gateway_id, ts_ms, type) DO NOTHING RETURNING type"
+)
+
+MAX_READINGS_DROPPED = 2**53
+"""Largest ``readings_dropped`` the hub stores (exclusive): JSON-safe, and far from the 64-bit
+limit of the column and of the per-gateway sum."""
+MAX_EVENT_DETAILS_BYTES = 16_384
+"""Largest ``details`` object (as compact JSON) the hub stores."""
+
+
 @dataclass(slots=True)
 class TelemetryItem:
     """A validated telemetry message and when the hub received it (hub clock, ms)."""
@@ -70,12 +88,29 @@ class StatusItem:
 
 
 @dataclass(slots=True)
+class EventItem:
+    """A validated gateway event and when the hub received it (hub clock, ms)."""
+
+    event: EventV1
+    received_ms: int
+
+
+@dataclass(slots=True)
 class WriteResult:
     """What one committed batch did."""
 
     readings: int = 0
     inserted: int = 0
     statuses: int = 0
+    events: int = 0
+    """Events in the batch."""
+    events_inserted: Counter[str] = field(default_factory=Counter)
+    """Newly stored events by type (an event already stored is not counted)."""
+
+    @property
+    def event_duplicates(self) -> int:
+        """Events that were already stored (redelivery, resend, another hub)."""
+        return self.events - sum(self.events_inserted.values())
 
     @property
     def duplicates(self) -> int:
@@ -98,6 +133,38 @@ def convert_value(value: Any) -> tuple[float | None, str | None]:
     if isinstance(value, int | float):
         return float(value), None
     return None, str(value)
+
+
+def check_event(event: EventV1) -> None:
+    """Refuse an event the database cannot store faithfully; raises ``ValueError`` saying why.
+
+    The schema accepts any non-negative ``readings_dropped`` and any float in ``details``; a
+    64-bit overflow or a NaN (which PostgreSQL's JSONB refuses) would make the batch fail on every
+    retry and stall ingest, so such an event is rejected as malformed instead.
+    """
+    if event.readings_dropped >= MAX_READINGS_DROPPED:
+        raise ValueError(f"readings_dropped {event.readings_dropped} is not below 2**53")
+    for key, value in event.details.items():
+        if isinstance(value, float) and not math.isfinite(value):
+            raise ValueError(f"details.{key[:50]} is not a finite number")
+        if isinstance(value, int) and not -MAX_READINGS_DROPPED < value < MAX_READINGS_DROPPED:
+            raise ValueError(f"details.{key[:50]} is outside +-2**53")
+    size = len(details_json(event.details).encode())
+    if size > MAX_EVENT_DETAILS_BYTES:
+        raise ValueError(f"details of {size} bytes exceed {MAX_EVENT_DETAILS_BYTES}")
+
+
+def clean_text(text: str) -> str:
+    """``text`` made storable in every backend: NUL (valid in JSON as ``\\u0000``, refused by
+    PostgreSQL's text and JSONB) becomes U+FFFD. (Unpaired surrogates never get here: the schema
+    refuses them.)"""
+    return text.replace("\x00", "\ufffd")
+
+
+def details_json(details: dict[str, int | float | str]) -> str:
+    """An event's ``details`` as the compact JSON text stored in ``gateway_event.details``."""
+    clean = {clean_text(k): clean_text(v) if isinstance(v, str) else v for k, v in details.items()}
+    return json.dumps(clean, separators=(",", ":"), ensure_ascii=False, allow_nan=False)
 
 
 @dataclass
@@ -182,18 +249,20 @@ class Store:
 
     # -- batches ----------------------------------------------------------------------------
 
-    async def write(self, telemetry: Sequence[TelemetryItem],
-                    statuses: Sequence[StatusItem] = ()) -> WriteResult:
-        """Store a batch in one transaction; returns how many readings were new.
+    async def write(self, telemetry: Sequence[TelemetryItem], statuses: Sequence[StatusItem] = (),
+                    events: Sequence[EventItem] = ()) -> WriteResult:
+        """Store a batch in one transaction; returns how many readings and events were new.
 
-        Raises the driver's exception when the database fails; nothing of the batch is then
-        committed and the caller may simply call again with the same batch.
+        Events must have passed :func:`check_event`. Raises the driver's exception when the
+        database fails; nothing of the batch is then committed and the caller may simply call
+        again with the same batch.
         """
         with self.db.activate():
-            return await self._write(telemetry, statuses)
+            return await self._write(telemetry, statuses, events)
 
-    async def _write(self, telemetry: Sequence[TelemetryItem], statuses: Sequence[StatusItem]) -> WriteResult:
-        result = WriteResult(statuses=len(statuses))
+    async def _write(self, telemetry: Sequence[TelemetryItem], statuses: Sequence[StatusItem],
+                     events: Sequence[EventItem]) -> WriteResult:
+        result = WriteResult(statuses=len(statuses), events=len(events))
         rows: list[Row] = []
         # device id -> newest reading ts (capped at arrival time); gateway id -> (seen, backlog)
         device_seen: dict[int, int] = {}
@@ -224,6 +293,12 @@ class Store:
             if s.devices:
                 await self.device_ids(s.site, s.gateway, s.devices, s_item.received_ms)
             status_rows.append([s.state.value, s.ts, s.agent_version, s.backlog, gid])
+        event_rows = []
+        for e_item in events:
+            e = e_item.event
+            gid = await self._gateway_id(e.site, e.gateway, e_item.received_ms)
+            event_rows.append([gid, e.ts, e.type.value, clean_text(e.message), e.readings_dropped,
+                               details_json(e.details), e_item.received_ms])
         result.readings = len(rows)
 
         sql = self.db.sql
@@ -246,6 +321,10 @@ class Store:
                 await conn.execute_many(sql(
                     "UPDATE gateway SET state = ?, state_ts_ms = ?, agent_version = ?, backlog = ? "
                     "WHERE id = ?"), status_rows)
+            insert_event = sql(_INSERT_EVENT)
+            for row in event_rows:  # events are rare: one statement each tells which were new
+                for new in await conn.execute_query_dict(insert_event, row):
+                    result.events_inserted[new["type"]] += 1
         return result
 
     async def _insert(self, conn: Any, rows: list[Row]) -> int:

@@ -6,12 +6,13 @@ Not used by the running hub.
 from __future__ import annotations
 
 import asyncio
+import json
 import time
 from collections.abc import Callable, Sequence
 from typing import Any
 
 from hub.config import HubConfig
-from protocol.schema import TelemetryV1, Value, decode_telemetry, encode_telemetry_v1
+from protocol.schema import EventV1, TelemetryV1, Value, decode_event, decode_telemetry, encode_telemetry_v1
 
 ReadingTuple = tuple[str, str, int, int, Value, str, str]
 """(device, metric, seq, ts_ms, value, unit, quality), as :func:`encode_telemetry_v1` takes."""
@@ -33,6 +34,19 @@ def telemetry_payload(site: str, gateway: str, readings: Sequence[ReadingTuple],
 def telemetry(site: str, gateway: str, readings: Sequence[ReadingTuple], **kw: Any) -> TelemetryV1:
     """Like :func:`telemetry_payload` but validated into a :class:`TelemetryV1`."""
     return decode_telemetry(telemetry_payload(site, gateway, readings, **kw))
+
+
+def event_payload(site: str, gateway: str, type: str, ts: int = T0, *, readings_dropped: int = 0,
+                  message: str = "", details: dict[str, Any] | None = None) -> bytes:
+    """A v1 event payload (compact JSON, as a gateway sends it)."""
+    doc = {"v": 1, "site": site, "gateway": gateway, "ts": ts, "type": type, "message": message,
+           "readings_dropped": readings_dropped, "details": details or {}}
+    return json.dumps(doc, separators=(",", ":")).encode()
+
+
+def event(site: str, gateway: str, type: str, ts: int = T0, **kw: Any) -> EventV1:
+    """Like :func:`event_payload` but validated into an :class:`EventV1`."""
+    return decode_event(event_payload(site, gateway, type, ts, **kw))
 
 
 def series(device: str, metric: str, n: int, *, seq0: int = 0, ts0: int = T0, step_ms: int = 1000,

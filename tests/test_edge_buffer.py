@@ -190,3 +190,19 @@ async def test_disk_full_makes_room_and_keeps_capturing(tmp_path: Path) -> None:
     assert rows[-1].value == pytest.approx(60.0 + (10_000 + 9999) / 10)  # the newest reading is in
     assert buf.dropped_total > 0 and buf.backlog == len(rows)
     await buf.close()
+
+
+async def test_row_ids_are_never_reused_after_the_buffer_ran_empty(tmp_path: Path) -> None:
+    # The uplink's cursor is a row id: a reading committed after a full drain must get a higher
+    # id than anything before it, or it is never sent (SQLite reuses max(id)+1 without AUTOINCREMENT).
+    buf = await opened(tmp_path / "b.db")
+    await buf.submit(readings("boiler-1", 5))
+    await buf.flush()
+    rows = await buf.fetch(0, 10)
+    await buf.ack(rows[0].row_id, rows[-1].row_id)
+    assert await buf.max_id() == 0
+    await buf.submit(readings("boiler-1", 1))
+    await buf.flush()
+    (new,) = await buf.fetch(rows[-1].row_id, 10)
+    assert new.row_id > rows[-1].row_id
+    await buf.close()

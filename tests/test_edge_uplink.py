@@ -152,3 +152,42 @@ async def test_status_online_retained_and_last_will_on_kill(mosquitto: Mosquitto
         for stream in (proc.stdout, proc.stderr):
             if stream:
                 stream.close()
+
+
+async def test_live_readings_overtake_a_large_backlog(mosquitto: Mosquitto, tmp_path: Path) -> None:
+    buf = await new_buffer(tmp_path)
+    old = time.time_ns() // 1_000_000 - 86_400_000  # a day-old outage backlog
+    await buf.submit([Reading("boiler-1", "flow_temp", old + i, float(i), "degC") for i in range(60_000)])
+    await buf.flush()
+    async with aiomqtt.Client(mosquitto.host, mosquitto.port, identifier="t-live") as sub:
+        await sub.subscribe("twin/v1/+/+/telemetry", qos=1)
+        up = Uplink(config(mosquitto, tmp_path, batch_max_readings=1000, max_inflight=2), buf, DEVICES,
+                    EdgeMetrics())
+        task = asyncio.create_task(up.run())
+        order: list[tuple[float, int]] = []  # (first value of the message, backlog left) per message
+        live_at = None
+
+        async def watch() -> None:
+            nonlocal live_at
+            async for msg in sub.messages:
+                t = decode_telemetry(msg.payload)
+                order.append((t.readings[0].value, t.backlog))  # type: ignore[arg-type]
+                if len(order) == 1:  # the backlog drain has begun: now a live reading arrives
+                    await buf.submit([Reading("boiler-1", "flow_temp", time.time_ns() // 1_000_000, -1.0, "degC")])
+                    await buf.flush()
+                if any(r.value == -1.0 for r in t.readings):
+                    live_at = len(order)
+                if sum(1 for _ in order) >= 61:
+                    return
+        try:
+            await asyncio.wait_for(watch(), 30)
+        except TimeoutError:
+            raise AssertionError(f"only {len(order)} messages: {order[:5]} ... {order[-3:]}") from None
+        task.cancel()
+        await asyncio.gather(task, return_exceptions=True)
+    await buf.close()
+    assert order[0][0] == 59_000.0  # the newest backlog batch went first: latest state at once
+    assert live_at is not None and live_at <= 6, f"live reading stuck behind backlog (message {live_at})"
+    assert order[live_at - 1][1] > 40_000  # most of the day-old backlog was still waiting
+    backlog_firsts = [v for v, _ in order if v not in (59_000.0, -1.0)]
+    assert backlog_firsts == sorted(backlog_firsts)  # the rest went oldest first

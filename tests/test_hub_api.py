@@ -13,9 +13,9 @@ from hub.api import ApiContext, create_app
 from hub.config import StatusConfig
 from hub.db import Database
 from hub.metrics import HubMetrics
-from hub.store import StatusItem, Store, TelemetryItem
+from hub.store import EventItem, StatusItem, Store, TelemetryItem
 from protocol.schema import GatewayState, StatusV1
-from tests.hubtools import T0, series, telemetry
+from tests.hubtools import T0, event, series, telemetry
 
 NOW = T0 + 1_000_000  # the API's clock in these tests
 RULES = StatusConfig(stale_after_s=120, offline_after_s=600)
@@ -47,6 +47,15 @@ async def _seed(db: Database) -> None:
                             agent_version="0.1.0"), NOW - 60_000),
         StatusItem(StatusV1(site="plant2", gateway="gw1", state=GatewayState.OFFLINE, ts=NOW - 500_000),
                    NOW - 500_000)])
+    thinned = event("plant1", "gw1", "buffer_thinned", NOW - 200_000, readings_dropped=120,
+                    message="disk cap reached", details={"cap_mb": 50, "ratio": 0.5, "policy": "every-2nd"})
+    await store.write([], [], [
+        EventItem(thinned, NOW - 199_000),
+        EventItem(event("plant1", "gw1", "buffer_corrupt", NOW - 100_000, readings_dropped=30,
+                        message="buffer.db moved aside"), NOW - 99_000),
+        EventItem(event("plant1", "gw1", "buffer_full", NOW - 50_000, message="SQLITE_FULL"), NOW - 49_000),
+    ])
+    await store.write([], [], [EventItem(thinned, NOW - 1000)])  # redelivered: not counted twice
 
 
 @pytest.fixture
@@ -56,6 +65,7 @@ async def api(db_url: str) -> AsyncIterator[httpx.AsyncClient]:
         await _seed(db)
         metrics = HubMetrics()
         metrics.batch(0.01, 10, 7)
+        metrics.events(4, {"buffer_thinned": 1, "buffer_corrupt": 2})
         app = create_app(ApiContext(db=db, status=RULES, metrics=metrics, clock=lambda: NOW))
         async with httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url="http://hub") as client:
             yield client
@@ -73,6 +83,8 @@ async def test_health(api: httpx.AsyncClient) -> None:
     assert body["broker"] == {"connected": False, "state": "disabled", "host": None, "port": None, "error": None}
     assert body["ingest"]["readings_stored"] == 7
     assert body["ingest"]["duplicates"] == 3
+    assert (body["ingest"]["events"], body["ingest"]["event_duplicates"]) == (3, 1)
+    assert body["ingest"]["events_by_type"] == {"buffer_thinned": 1, "buffer_corrupt": 2}
 
 
 async def test_devices_list(api: httpx.AsyncClient) -> None:
@@ -167,9 +179,59 @@ async def test_gateways(api: httpx.AsyncClient) -> None:
     g1, g2 = r.json()
     assert g1 == {"id": "plant1.gw1", "site": "plant1", "gateway": "gw1", "state": "online", "status": "online",
                   "last_seen": "2025-11-25T14:16:31.000Z", "state_since": "2025-11-25T14:15:40.000Z",
-                  "backlog": 0, "devices": 2, "agent_version": "0.1.0"}
+                  "backlog": 0, "readings_dropped": 150, "devices": 2, "agent_version": "0.1.0"}
     # The status message came after the telemetry in the batch, so its backlog (0) is the latest.
-    assert (g2["id"], g2["state"], g2["status"], g2["devices"]) == ("plant2.gw1", "offline", "offline", 1)
+    assert (g2["id"], g2["state"], g2["status"], g2["devices"], g2["readings_dropped"]) == (
+        "plant2.gw1", "offline", "offline", 1, 0)
+
+
+async def test_gateway_events(api: httpx.AsyncClient) -> None:
+    base = "/api/v1/gateways/plant1.gw1/events"
+    r = await api.get(base)
+    assert r.status_code == 200
+    assert r.json() == [
+        {"ts": "2025-11-25T14:15:50.000Z", "type": "buffer_full", "message": "SQLITE_FULL", "readings_dropped": 0,
+         "details": {}, "received": "2025-11-25T14:15:51.000Z"},
+        {"ts": "2025-11-25T14:15:00.000Z", "type": "buffer_corrupt", "message": "buffer.db moved aside",
+         "readings_dropped": 30, "details": {}, "received": "2025-11-25T14:15:01.000Z"},
+        {"ts": "2025-11-25T14:13:20.000Z", "type": "buffer_thinned", "message": "disk cap reached",
+         "readings_dropped": 120, "details": {"cap_mb": 50, "ratio": 0.5, "policy": "every-2nd"},
+         "received": "2025-11-25T14:13:21.000Z"},
+    ]
+    r = await api.get(base, params={"since": "2025-11-25T14:15:00Z"})
+    assert [e["type"] for e in r.json()] == ["buffer_full", "buffer_corrupt"]  # since is inclusive
+    r = await api.get(base, params={"since": "2025-11-25T15:15:00.001+01:00"})
+    assert [e["type"] for e in r.json()] == ["buffer_full"]
+    r = await api.get(base, params={"limit": 2})
+    assert [e["type"] for e in r.json()] == ["buffer_full", "buffer_corrupt"]
+    r = await api.get(base, params={"until": "2025-11-25T14:15:50", "limit": 1})  # naive = UTC, exclusive
+    assert [e["type"] for e in r.json()] == ["buffer_corrupt"]
+    r = await api.get(base, params={"limit": 10000})
+    assert len(r.json()) == 3
+    r = await api.get("/api/v1/gateways/plant2.gw1/events")
+    assert (r.status_code, r.json()) == (200, [])
+
+
+async def test_unknown_gateway_404_json(api: httpx.AsyncClient) -> None:
+    for gid in ("plant1.nope", "plant3.gw1", "plant1", "plant1.gw1.boiler1", "plant1.gw%25"):
+        r = await api.get(f"/api/v1/gateways/{gid}/events")
+        assert r.status_code == 404, gid
+        assert r.headers["content-type"] == "application/json"
+        assert r.json()["detail"].startswith("unknown gateway"), gid
+
+
+@pytest.mark.parametrize("params", [
+    {"since": "yesterday"},
+    {"until": "2025-13-45T00:00:00Z"},
+    {"limit": "0"},
+    {"limit": "10001"},
+    {"limit": "few"},
+    {"since": "2025-11-25T15:00:00Z", "until": "2025-11-25T14:00:00Z"},
+])
+async def test_bad_event_parameters_422(api: httpx.AsyncClient, params: dict[str, str]) -> None:
+    r = await api.get("/api/v1/gateways/plant1.gw1/events", params=params)
+    assert r.status_code == 422
+    assert "detail" in r.json()
 
 
 async def test_metrics_and_docs(api: httpx.AsyncClient) -> None:
@@ -179,8 +241,13 @@ async def test_metrics_and_docs(api: httpx.AsyncClient) -> None:
     assert "twin_hub_readings_stored_total 7.0" in r.text
     assert "twin_hub_readings_duplicate_total 3.0" in r.text
     assert "twin_hub_batch_seconds_bucket" in r.text
+    assert 'twin_hub_gateway_events_total{type="buffer_thinned"} 1.0' in r.text
+    assert 'twin_hub_gateway_events_total{type="buffer_corrupt"} 2.0' in r.text
+    assert 'twin_hub_gateway_events_total{type="buffer_full"} 0.0' in r.text  # exported before the first
+    assert "twin_hub_gateway_events_duplicate_total 1.0" in r.text
     r = await api.get("/docs")
     assert r.status_code == 200 and "swagger" in r.text.lower()
     spec = (await api.get("/openapi.json")).json()
     assert {"/api/v1/health", "/api/v1/devices", "/api/v1/devices/{device_id}/latest",
-            "/api/v1/devices/{device_id}/readings", "/api/v1/gateways"} <= set(spec["paths"])
+            "/api/v1/devices/{device_id}/readings", "/api/v1/gateways",
+            "/api/v1/gateways/{gateway_id}/events"} <= set(spec["paths"])

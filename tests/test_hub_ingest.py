@@ -1,5 +1,6 @@
-"""Ingest against a real Mosquitto: exact storage, dedup, malformed input, persistent session,
-acknowledgement only after commit, database outage, shared subscription, and the CLI process."""
+"""Ingest against a real Mosquitto: exact storage, dedup, malformed input, gateway events,
+persistent session, acknowledgement only after commit, database outage, shared subscription, and
+the CLI process."""
 
 from __future__ import annotations
 
@@ -18,11 +19,11 @@ from fleet.broker import Mosquitto
 from fleet.configs import write_hub_config
 from fleet.procs import ReadyProcess
 from hub.config import HubConfig
-from hub.models import Reading
+from hub.models import GatewayEvent, Reading
 from hub.service import Hub, running_hub
-from hub.store import StatusItem, TelemetryItem, WriteResult
-from protocol.topics import status_topic, telemetry_topic
-from tests.hubtools import T0, hub_config, series, telemetry_payload, wait_until
+from hub.store import EventItem, StatusItem, TelemetryItem, WriteResult
+from protocol.topics import events_topic, status_topic, telemetry_topic
+from tests.hubtools import T0, event_payload, hub_config, series, telemetry_payload, wait_until
 
 
 @pytest.fixture
@@ -44,6 +45,10 @@ async def publish(broker: Mosquitto, *messages: tuple[str, bytes], retain: bool 
 
 def tele(site: str, gateway: str, readings: list[Any], **kw: Any) -> tuple[str, bytes]:
     return telemetry_topic(site, gateway), telemetry_payload(site, gateway, readings, **kw)
+
+
+def evt(site: str, gateway: str, type: str, ts: int = T0, **kw: Any) -> tuple[str, bytes]:
+    return events_topic(site, gateway), event_payload(site, gateway, type, ts, **kw)
 
 
 async def count_rows(hub: Hub) -> int:
@@ -121,6 +126,54 @@ async def test_malformed_messages_are_counted_and_ingest_continues(mosquitto: Mo
         assert 'twin_hub_malformed_messages_total{reason="not_json"} 2.0' in text
 
 
+async def test_gateway_events_stored_once_and_shown(mosquitto: Mosquitto, config: HubConfig) -> None:
+    thinned = evt("site1", "gw1", "buffer_thinned", T0, readings_dropped=250, message="cap reached",
+                  details={"cap_mb": 50, "kept_every": 2})
+    corrupt = evt("site1", "gw1", "buffer_corrupt", T0 + 60_000, readings_dropped=40)
+    status = json.dumps({"v": 1, "site": "site1", "gateway": "gw1", "state": "online", "ts": T0}).encode()
+    no_type = json.dumps({k: v for k, v in json.loads(thinned[1]).items() if k != "type"}).encode()
+    async with running_hub(config) as hub:
+        assert hub.ingest.topics == ["twin/+/+/+/telemetry", "twin/+/+/+/status", "twin/+/+/+/events"]
+        await publish(
+            mosquitto,
+            thinned,
+            thinned,  # the same event twice (a QoS 1 redelivery or a gateway resending)
+            (events_topic("site1", "gw1"), no_type),  # malformed
+            (events_topic("site1", "gw1"), b"\xff not json"),
+            (events_topic("site1", "gw1"), event_payload("site2", "gw1", "buffer_full")),  # other gateway
+            (events_topic("site1", "gw1"), event_payload("site1", "gw1", "buffer_full",
+                                                         readings_dropped=2**63)),  # out of range
+            (events_topic("site1", "gw1"), status),  # a status on the events topic
+            (status_topic("site1", "gw1"), corrupt[1]),  # an event on the status topic
+            (telemetry_topic("site1", "gw1"), corrupt[1]),  # an event on the telemetry topic
+            corrupt,
+            tele("site1", "gw1", series("b1", "temp", 3), backlog=12),
+        )
+        await wait_until(lambda: hub.stats.acked == 11, what="every message acknowledged")
+        assert (hub.stats.events, hub.stats.event_duplicates) == (2, 1)
+        assert dict(hub.stats.events_by_type) == {"buffer_thinned": 1, "buffer_corrupt": 1}
+        assert dict(hub.stats.malformed_by_reason) == {"invalid": 5, "not_json": 1, "site_mismatch": 1}
+        assert (hub.stats.event_messages, hub.stats.status_messages, hub.stats.telemetry_messages) == (8, 1, 2)
+        assert hub.stats.readings_stored == 3
+        async with httpx.AsyncClient(base_url=hub.api_url) as http:
+            (gw,) = (await http.get("/api/v1/gateways")).json()
+            events = (await http.get("/api/v1/gateways/site1.gw1/events")).json()
+            health = (await http.get("/api/v1/health")).json()
+            text = (await http.get("/metrics")).text
+            missing = await http.get("/api/v1/gateways/site2.gw1/events")
+        assert (gw["id"], gw["backlog"], gw["readings_dropped"], gw["state"]) == ("site1.gw1", 12, 290, "unknown")
+        assert [(e["ts"], e["type"], e["message"], e["readings_dropped"], e["details"]) for e in events] == [
+            ("2025-11-25T14:01:00.000Z", "buffer_corrupt", "", 40, {}),
+            ("2025-11-25T14:00:00.000Z", "buffer_thinned", "cap reached", 250, {"cap_mb": 50, "kept_every": 2})]
+        assert (health["ingest"]["events"], health["ingest"]["event_duplicates"]) == (2, 1)
+        assert 'twin_hub_gateway_events_total{type="buffer_thinned"} 1.0' in text
+        assert 'twin_hub_gateway_events_total{type="buffer_full"} 0.0' in text
+        assert 'twin_hub_mqtt_messages_total{channel="events"} 8.0' in text
+        assert missing.status_code == 404  # the rejected site2 event created nothing
+        with hub.db.activate():
+            assert await GatewayEvent.all().count() == 2
+
+
 async def test_messages_published_while_hub_is_down_are_stored(mosquitto: Mosquitto, config: HubConfig) -> None:
     async with running_hub(config):
         pass  # the first start creates the persistent session and its subscriptions
@@ -164,17 +217,20 @@ async def test_database_failure_is_retried_without_loss(mosquitto: Mosquitto, co
         real_write = hub.store.write
         failures = {"left": 2}
 
-        async def flaky_write(telemetry: list[TelemetryItem], statuses: list[StatusItem]) -> WriteResult:
+        async def flaky_write(telemetry: list[TelemetryItem], statuses: list[StatusItem],
+                              events: list[EventItem]) -> WriteResult:
             if failures["left"]:
                 failures["left"] -= 1
                 raise ConnectionError("database unreachable")
-            return await real_write(telemetry, statuses)
+            return await real_write(telemetry, statuses, events)
 
         monkeypatch.setattr(hub.store, "write", flaky_write)
-        await publish(mosquitto, tele("site1", "gw1", series("b1", "temp", 7)))
+        await publish(mosquitto, tele("site1", "gw1", series("b1", "temp", 7)),
+                      evt("site1", "gw1", "buffer_full", message="disk full"))
         await wait_until(lambda: hub.stats.readings_stored == 7, what="stored after retries")
+        await wait_until(lambda: hub.stats.acked == 2, what="both messages acknowledged")
         assert hub.stats.db_errors == 2
-        assert hub.stats.acked == 1
+        assert (hub.stats.events, hub.stats.event_duplicates) == (1, 0)
         assert await count_rows(hub) == 7
 
 
@@ -203,11 +259,22 @@ async def test_shared_subscription_splits_without_loss_or_duplicates(mosquitto: 
     configs = [hub_config(db_url=db_url, mqtt_port=mosquitto.port, client_id=f"hub-{n}", share_group="hubs")
                for n in ("a", "b")]
     async with running_hub(configs[0]) as hub_a, running_hub(configs[1]) as hub_b:
+        assert hub_a.ingest.topics == ["$share/hubs/twin/+/+/+/telemetry", "twin/+/+/+/status",
+                                       "$share/hubs/twin/+/+/+/events"]
         messages = [tele("site1", f"gw{i % 4}", series(f"d{i % 3}", "temp", 20, seq0=i * 20)) for i in range(40)]
-        await publish(mosquitto, *messages)
+        events = [evt("site1", f"gw{i % 4}", "buffer_thinned", T0 + i, readings_dropped=i) for i in range(8)]
+        await publish(mosquitto, *messages, *events)
         await wait_until(lambda: hub_a.stats.readings_received + hub_b.stats.readings_received == 800,
                          what="all readings processed by the group")
+        await wait_until(lambda: hub_a.stats.acked + hub_b.stats.acked == 48, what="every message acknowledged")
         a, b = hub_a.stats, hub_b.stats
+        # Events are split like telemetry: each handed to one hub of the group, stored once.
+        assert a.event_messages + b.event_messages == 8
+        assert (a.events + b.events, a.event_duplicates + b.event_duplicates) == (8, 0)
+        async with httpx.AsyncClient(base_url=hub_b.api_url) as http:
+            gateways = (await http.get("/api/v1/gateways")).json()
+        assert {g["id"]: g["readings_dropped"] for g in gateways} == {
+            "site1.gw0": 0 + 4, "site1.gw1": 1 + 5, "site1.gw2": 2 + 6, "site1.gw3": 3 + 7}
         assert a.telemetry_messages + b.telemetry_messages == 40
         assert a.telemetry_messages > 0 and b.telemetry_messages > 0, (a.telemetry_messages, b.telemetry_messages)
         assert a.duplicates + b.duplicates == 0

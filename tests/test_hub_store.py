@@ -10,10 +10,10 @@ import pytest
 
 from hub import queries
 from hub.db import Database
-from hub.models import Device, Gateway, Reading, Site
-from hub.store import StatusItem, Store, TelemetryItem, convert_value
+from hub.models import Device, Gateway, GatewayEvent, Reading, Site
+from hub.store import EventItem, StatusItem, Store, TelemetryItem, check_event, convert_value
 from protocol.schema import GatewayState, SchemaError, StatusV1, decode_telemetry
-from tests.hubtools import T0, series, telemetry, telemetry_payload
+from tests.hubtools import T0, event, series, telemetry, telemetry_payload
 
 RECEIVED = T0 + 60_000  # when the hub "received" the test batches (after every reading ts)
 
@@ -226,3 +226,111 @@ async def test_find_device_rejects_non_uids(db: Database) -> None:
     assert await queries.find_device(db, "s1.gw1.b1") is not None
     for bad in ("s1.gw1", "s1.gw1.b1.x", "s1.gw1.nope", "", "s1..b1", "s1.gw1.b%"):
         assert await queries.find_device(db, bad) is None
+
+
+def _event(*args: object, received: int = RECEIVED, **kw: object) -> EventItem:
+    return EventItem(event(*args, **kw), received)  # type: ignore[arg-type]
+
+
+async def _event_rows(db: Database) -> list[tuple[str, int, str, int]]:
+    with db.activate():
+        rows = await GatewayEvent.all().order_by("id").values_list("gateway__name", "ts_ms", "type",
+                                                                    "readings_dropped")
+    return [(str(g), int(t), str(k), int(d)) for g, t, k, d in rows]
+
+
+async def test_events_stored_once_per_gateway_ts_type(db: Database) -> None:
+    store = Store(db)
+    thinned = _event("s1", "gw1", "buffer_thinned", T0, readings_dropped=100, message="cap 50 MB reached",
+                     details={"cap_bytes": 50_000_000, "kept_every": 2, "oldest": "2025-11-24"})
+    batch = [
+        thinned,
+        _event("s1", "gw1", "buffer_thinned", T0, readings_dropped=100),  # the same event again
+        _event("s1", "gw1", "buffer_corrupt", T0, readings_dropped=30),  # same ts, other type: new
+        _event("s1", "gw1", "buffer_full", T0 + 5),
+        _event("s1", "gw2", "buffer_thinned", T0, readings_dropped=7),  # same ts and type, other gateway
+    ]
+    first = await store.write([], [], batch)
+    assert (first.events, dict(first.events_inserted), first.event_duplicates) == (
+        5, {"buffer_thinned": 2, "buffer_corrupt": 1, "buffer_full": 1}, 1)
+    assert await _event_rows(db) == [("gw1", T0, "buffer_thinned", 100), ("gw1", T0, "buffer_corrupt", 30),
+                                     ("gw1", T0 + 5, "buffer_full", 0), ("gw2", T0, "buffer_thinned", 7)]
+
+    # A redelivered batch (or another hub storing the same messages) adds nothing; the first wins.
+    again = await store.write([], [], [*batch, _event("s1", "gw1", "buffer_full", T0 + 5, readings_dropped=9)])
+    assert (again.events, sum(again.events_inserted.values()), again.event_duplicates) == (6, 0, 6)
+    assert len(await _event_rows(db)) == 4
+
+    gw1 = await queries.find_gateway(db, "s1.gw1")
+    assert gw1 is not None and (gw1.site, gw1.name, gw1.uid) == ("s1", "gw1", "s1.gw1")
+    rows = await queries.events(db, gw1.pk)
+    assert [(e.ts_ms, e.type, e.readings_dropped, e.received_ms) for e in rows] == [
+        (T0 + 5, "buffer_full", 0, RECEIVED), (T0, "buffer_corrupt", 30, RECEIVED),
+        (T0, "buffer_thinned", 100, RECEIVED)]  # newest first, ties newest stored first
+    assert (rows[2].message, rows[2].details) == (
+        "cap 50 MB reached", {"cap_bytes": 50_000_000, "kept_every": 2, "oldest": "2025-11-24"})
+    assert [e.type for e in await queries.events(db, gw1.pk, since_ms=T0 + 1)] == ["buffer_full"]
+    assert [e.type for e in await queries.events(db, gw1.pk, until_ms=T0 + 5)] == ["buffer_corrupt",
+                                                                                  "buffer_thinned"]
+    assert [e.type for e in await queries.events(db, gw1.pk, limit=1)] == ["buffer_full"]
+
+    # Events create the gateway on first sight; readings_dropped sums its stored events.
+    by_name = {g.name: g for g in await queries.list_gateways(db)}
+    assert {n: (g.readings_dropped, g.devices, g.last_seen_ms) for n, g in by_name.items()} == {
+        "gw1": (130, 0, None), "gw2": (7, 0, None)}
+
+
+async def test_readings_dropped_is_zero_without_events(db: Database) -> None:
+    store = Store(db)
+    await store.write([_item("s1", "gw1", series("b1", "t", 2), backlog=5)])
+    (gw,) = await queries.list_gateways(db)
+    assert (gw.backlog, gw.readings_dropped) == (5, 0)
+    assert await queries.events(db, gw.pk) == []
+
+
+async def test_event_commits_with_its_batch_or_not_at_all(db: Database) -> None:
+    store = Store(db)
+    await store.write([_item("s1", "gw1", series("b1", "t", 3))])
+    with db.activate():
+        await Reading.all().delete()
+        await Device.all().delete()  # the cached device id is now dangling: the insert fails
+    batch_tele = [_item("s1", "gw1", series("b1", "t", 3, seq0=3))]
+    batch_events = [_event("s1", "gw1", "buffer_thinned", readings_dropped=11)]
+    with pytest.raises(Exception):  # noqa: B017 - driver-specific IntegrityError
+        await store.write(batch_tele, [], batch_events)
+    assert await _event_rows(db) == []
+    store.forget_cache()
+    res = await store.write(batch_tele, [], batch_events)
+    assert (res.inserted, dict(res.events_inserted)) == (3, {"buffer_thinned": 1})
+    assert await _event_rows(db) == [("gw1", T0, "buffer_thinned", 11)]
+
+
+async def test_event_text_with_nul_is_stored(db: Database) -> None:
+    # JSON allows "\u0000"; PostgreSQL text and JSONB do not. It must not stall the batch.
+    store = Store(db)
+    res = await store.write([], [], [_event("s1", "gw1", "buffer_corrupt", message="bad\x00file",
+                                            details={"path\x00": "a\x00b", "n": 3})])
+    assert sum(res.events_inserted.values()) == 1
+    gw = await queries.find_gateway(db, "s1.gw1")
+    assert gw is not None
+    (row,) = await queries.events(db, gw.pk)
+    assert (row.message, row.details) == ("bad\ufffdfile", {"path\ufffd": "a\ufffdb", "n": 3})
+
+
+async def test_find_gateway_rejects_non_ids(db: Database) -> None:
+    await Store(db).write([], [], [_event("s1", "gw1", "buffer_full")])
+    assert await queries.find_gateway(db, "s1.gw1") is not None
+    for bad in ("s1", "s1.gw1.b1", "s1.nope", "s2.gw1", "", "s1.", ".gw1", "s1.gw%"):
+        assert await queries.find_gateway(db, bad) is None, bad
+
+
+def test_check_event_refuses_what_the_database_cannot_store() -> None:
+    check_event(event("s1", "gw1", "buffer_thinned", readings_dropped=2**53 - 1, details={"x": 1.5, "y": "z"}))
+    with pytest.raises(ValueError, match="readings_dropped"):
+        check_event(event("s1", "gw1", "buffer_thinned", readings_dropped=2**53))
+    with pytest.raises(ValueError, match=r"details\.ratio is not a finite number"):
+        check_event(event("s1", "gw1", "buffer_thinned", details={"ratio": float("nan")}))
+    with pytest.raises(ValueError, match=r"details\.n is outside"):
+        check_event(event("s1", "gw1", "buffer_thinned", details={"n": 2**64}))
+    with pytest.raises(ValueError, match="bytes exceed 16384"):
+        check_event(event("s1", "gw1", "buffer_thinned", details={"blob": "x" * 20_000}))

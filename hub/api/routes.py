@@ -15,6 +15,7 @@ from hub.api.schemas import (
     BrokerHealth,
     DatabaseHealth,
     DeviceOut,
+    EventOut,
     GatewayOut,
     HealthOut,
     LatestOut,
@@ -45,6 +46,18 @@ NameQuery = Annotated[str | None, Query(pattern=NAME_PATTERN, max_length=64)]
 
 _NOT_FOUND: dict[int | str, dict[str, Any]] = {404: {"description": "Unknown device", "content": {"application/json": {
     "example": {"detail": "unknown device 'plant1.gw1.nope'"}}}}}
+_GATEWAY_NOT_FOUND: dict[int | str, dict[str, Any]] = {404: {"description": "Unknown gateway", "content": {
+    "application/json": {"example": {"detail": "unknown gateway 'plant1.nope'"}}}}}
+SinceQuery = Annotated[datetime | None, Query(description="ISO 8601, inclusive (no zone = UTC)")]
+UntilQuery = Annotated[datetime | None, Query(description="ISO 8601, exclusive (no zone = UTC)")]
+
+
+def _time_range(since: datetime | None, until: datetime | None) -> tuple[int | None, int | None]:
+    since_ms = to_ms(since) if since is not None else None
+    until_ms = to_ms(until) if until is not None else None
+    if since_ms is not None and until_ms is not None and until_ms < since_ms:
+        raise HTTPException(status_code=422, detail="'until' is before 'since'")
+    return since_ms, until_ms
 
 
 @router.get("/health", response_model=HealthOut, responses={503: {"model": HealthOut}})
@@ -112,16 +125,13 @@ async def readings(
     ctx: Ctx,
     device_id: str,
     metric: NameQuery = None,
-    since: Annotated[datetime | None, Query(description="ISO 8601, inclusive (no zone = UTC)")] = None,
-    until: Annotated[datetime | None, Query(description="ISO 8601, exclusive (no zone = UTC)")] = None,
+    since: SinceQuery = None,
+    until: UntilQuery = None,
     limit: Annotated[int, Query(ge=1, le=MAX_LIMIT)] = 1000,
 ) -> list[ReadingOut]:
     """Readings of a device ordered by timestamp (oldest first), optionally of one metric,
     in ``[since, until)``, at most ``limit`` (default 1000, max 10000)."""
-    since_ms = to_ms(since) if since is not None else None
-    until_ms = to_ms(until) if until is not None else None
-    if since_ms is not None and until_ms is not None and until_ms < since_ms:
-        raise HTTPException(status_code=422, detail="'until' is before 'since'")
+    since_ms, until_ms = _time_range(since, until)
     dev = await _device_or_404(ctx, device_id)
     rows = await queries.readings(ctx.db, dev.pk, metric, since_ms, until_ms, limit)
     return [ReadingOut(ts=iso_ms(r.ts_ms), metric=r.metric, value=r.typed_value, unit=r.unit,
@@ -130,7 +140,7 @@ async def readings(
 
 @router.get("/gateways", response_model=list[GatewayOut])
 async def list_gateways(ctx: Ctx) -> list[GatewayOut]:
-    """All gateways with their announced state, liveness, backlog and device count."""
+    """All gateways with their announced state, liveness, backlog, dropped readings and device count."""
     now = ctx.clock()
     out = []
     for g in await queries.list_gateways(ctx.db):
@@ -139,8 +149,27 @@ async def list_gateways(ctx: Ctx) -> list[GatewayOut]:
             id=f"{g.site}.{g.name}", site=g.site, gateway=g.name, state=state,
             status=gateway_status(g.state, g.last_seen_ms, now, ctx.status),
             last_seen=iso_ms(g.last_seen_ms), state_since=iso_ms(g.state_ts_ms), backlog=g.backlog,
-            devices=g.devices, agent_version=g.agent_version))
+            readings_dropped=g.readings_dropped, devices=g.devices, agent_version=g.agent_version))
     return out
+
+
+@router.get("/gateways/{gateway_id}/events", response_model=list[EventOut], responses=_GATEWAY_NOT_FOUND)
+async def gateway_events(
+    ctx: Ctx,
+    gateway_id: str,
+    since: SinceQuery = None,
+    until: UntilQuery = None,
+    limit: Annotated[int, Query(ge=1, le=MAX_LIMIT)] = 100,
+) -> list[EventOut]:
+    """Events of the gateway ``site.gateway`` (buffer thinned, corrupt, full), newest first, with
+    ``ts`` in ``[since, until)``, at most ``limit`` (default 100, max 10000)."""
+    since_ms, until_ms = _time_range(since, until)
+    gw = await queries.find_gateway(ctx.db, gateway_id)
+    if gw is None:
+        raise HTTPException(status_code=404, detail=f"unknown gateway {gateway_id!r}")
+    rows = await queries.events(ctx.db, gw.pk, since_ms, until_ms, limit)
+    return [EventOut(ts=iso_ms(e.ts_ms), type=e.type, message=e.message, readings_dropped=e.readings_dropped,
+                     details=e.details, received=iso_ms(e.received_ms)) for e in rows]
 
 
 @metrics_router.get("/metrics", include_in_schema=False)

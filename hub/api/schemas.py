@@ -82,8 +82,21 @@ class GatewayOut(BaseModel):
     last_seen: str | None = Field(description="When the hub last received telemetry from it (hub clock)")
     state_since: str | None = Field(description="Timestamp of the status message (gateway clock)")
     backlog: int = Field(description="Readings waiting in the gateway's buffer, as last reported")
+    readings_dropped: int = Field(
+        description="Readings the gateway dropped from its buffer unsent: sum over its stored events")
     devices: int
     agent_version: str
+
+
+class EventOut(BaseModel):
+    """One event of ``GET /api/v1/gateways/{id}/events``."""
+
+    ts: str | None = Field(description="When it happened, ISO 8601 UTC (gateway clock)")
+    type: str = Field(description="buffer_thinned | buffer_corrupt | buffer_full")
+    message: str
+    readings_dropped: int = Field(description="Readings removed from the buffer by this event")
+    details: dict[str, int | float | str]
+    received: str | None = Field(description="When the hub received it, ISO 8601 UTC (hub clock)")
 
 
 class DatabaseHealth(BaseModel):
