@@ -82,12 +82,24 @@ class EdgeAgent:
         crashed = asyncio.ensure_future(asyncio.wait([writer, uplink, *polls], return_when=asyncio.FIRST_EXCEPTION))
         stop = asyncio.ensure_future(self._stop.wait())
         await asyncio.wait({crashed, stop}, return_when=asyncio.FIRST_COMPLETED)
+        log.info("edge_stopping", reason="signal" if stop.done() else "task failed")
+        for p in self.pollers:
+            p.stop()
         for t in (*polls, gauges):
             t.cancel()
-        await asyncio.gather(*polls, gauges, return_exceptions=True)
+        _, stuck = await asyncio.wait([*polls, gauges], timeout=3)
+        for t in stuck:  # a cancel swallowed by a library: ask again, then go on regardless
+            t.cancel()
+        if stuck:
+            _, stuck = await asyncio.wait(stuck, timeout=2)
+            if stuck:
+                log.warning("edge_stopping_tasks_left", tasks=[t.get_name() for t in stuck])
+        log.debug("edge_stopping_polls_done")
         writer.cancel()  # its finally-block commits everything still pending
         await asyncio.gather(writer, return_exceptions=True)
+        log.debug("edge_stopping_writer_done")
         await self.uplink.announce_offline()
+        log.debug("edge_stopping_offline_announced")
         uplink.cancel()
         await asyncio.gather(uplink, return_exceptions=True)
         crashed.cancel()

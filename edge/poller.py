@@ -60,6 +60,13 @@ class DevicePoller:
         self.buffer = buffer
         self.metrics = metrics
         self.failures = 0
+        self._stopping = False
+
+    def stop(self) -> None:
+        """Ask :meth:`run` to end after the current poll (cancellation alone is not enough: on
+        Python 3.11 ``asyncio.wait_for`` inside pymodbus' connect can swallow a cancel that
+        lands as the connection completes)."""
+        self._stopping = True
 
     async def poll_once(self, metrics: frozenset[str] | None = None) -> list[Reading]:
         """One poll of ``metrics`` (default all): good readings, or bad-quality readings (value
@@ -120,7 +127,7 @@ class DevicePoller:
         for g in self._groups:
             g.deadline = now
         try:
-            while True:
+            while not self._stopping:
                 now = loop.time()
                 due = [g for g in self._groups if g.deadline <= now + DUE_SLACK_S]
                 if not due:
