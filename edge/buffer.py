@@ -25,8 +25,10 @@ the connection is never shared between threads.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import os
+import shutil
 import sqlite3
 import time
 from collections.abc import Callable
@@ -89,6 +91,8 @@ THIN_FRACTION = 0.5
 THIN_KEEP_EVERY = 4
 """A thinning pass keeps every 4th reading of each series in that share. (Keeping every 2nd
 would free no disk: B-tree pages left half full are not merged, only those under a third.)"""
+RESERVE_BYTES = 4 * 2**20
+"""Disk kept free (as a file beside the buffer) for deleting rows when the disk is full."""
 DROP_FRACTION = 0.1
 """Share of the backlog dropped outright, oldest first, when thinning freed too little."""
 
@@ -203,6 +207,7 @@ class ReadingBuffer:
         elif int(row[0]) != SCHEMA_VERSION:
             raise sqlite3.DatabaseError(f"buffer schema version {row[0]} != {SCHEMA_VERSION}")
         self._page_size = db.execute("PRAGMA page_size").fetchone()[0]
+        self._make_reserve_sync()
         db.execute(f"PRAGMA wal_autocheckpoint={max(16, min(1000, wal_limit // self._page_size // 2))}")
         for sid, dev, metric, unit in db.execute("SELECT id, device, metric, unit FROM series"):
             self._series[(dev, metric, unit)] = sid
@@ -255,6 +260,7 @@ class ReadingBuffer:
 
     async def run_writer(self) -> None:
         """Commit submitted readings in batches until cancelled (then commit what is left)."""
+        failures = 0
         try:
             while True:
                 await self._pending_event.wait()
@@ -262,9 +268,19 @@ class ReadingBuffer:
                     # Let a few polls accumulate: one transaction (one fsync) per interval,
                     # not one per poll, is what keeps 200 Hz polling cheap.
                     await asyncio.sleep(self.flush_interval)
-                await self.flush()
+                try:
+                    await self.flush()
+                    failures = 0
+                except sqlite3.Error as exc:
+                    # A disk that refuses writes must not stop the agent: the readings stay
+                    # pending (bounded: submit() holds the pollers back) and the commit is retried.
+                    failures += 1
+                    log.error("buffer_commit_failed", error=str(exc), pending=len(self._pending),
+                              retry_in_s=min(30, 2**failures))
+                    await asyncio.sleep(min(30, 2**failures))
         finally:
-            await asyncio.shield(self.flush())
+            with contextlib.suppress(sqlite3.Error):
+                await asyncio.shield(self.flush())
 
     async def flush(self) -> int:
         """Commit every pending reading now; returns how many were committed."""
@@ -294,13 +310,42 @@ class ReadingBuffer:
                 if "full" not in str(exc) or attempt == 5:
                     raise
                 # The disk (or the file system's quota) is full before our own cap was reached:
-                # make room the same way the cap does, then try again.
-                freed = self._make_room_sync(force=True)
+                # make room the same way the cap does, then try again. Deleting needs room in
+                # the WAL too, which is what the reserve file is kept for.
+                self._release_reserve_sync()
+                try:
+                    freed = self._make_room_sync(force=True)
+                    self._db.execute("PRAGMA wal_checkpoint(TRUNCATE)")  # type: ignore[union-attr]
+                finally:
+                    self._make_reserve_sync()
                 log.error("buffer_disk_full", error=str(exc), dropped=freed, attempt=attempt + 1)
                 if not freed:
                     raise
         if self._used_bytes_sync() > self.max_bytes:
             self._make_room_sync()
+
+    @property
+    def _reserve_path(self) -> Path:
+        return self.path.with_name(self.path.name + ".reserve")
+
+    def _make_reserve_sync(self) -> None:
+        """Keep a few MiB of disk for the day the file system fills up: SQLite cannot even delete
+        rows without room for the WAL, so a full disk would otherwise be a dead end."""
+        have = self._reserve_path.stat().st_size if self._reserve_path.exists() else 0
+        free = shutil.disk_usage(self.path.parent).free
+        size = min(RESERVE_BYTES, self.max_bytes // 8, have + free // 4)
+        chunk = b"\0" * 65536
+        # Written in chunks and kept even when only part fits: on an already nearly full disk
+        # a partial reserve is still what lets the first deletion through.
+        with contextlib.suppress(OSError), open(self._reserve_path, "ab") as f:
+            while f.tell() < size:
+                f.write(chunk[: size - f.tell()])
+                f.flush()
+            os.fsync(f.fileno())
+
+    def _release_reserve_sync(self) -> None:
+        with contextlib.suppress(FileNotFoundError):
+            self._reserve_path.unlink()
 
     def _used_bytes_sync(self) -> int:
         assert self._db is not None
