@@ -21,20 +21,11 @@ import pytest
 
 from fleet.broker import Mosquitto
 from fleet.configs import write_edge_config, write_hub_config
+from fleet.faults import prometheus_values
 from fleet.net import free_port
 from fleet.procs import ReadyProcess
 
 KINDS = {"boiler-1": "boiler", "boiler-2": "boiler", "meter-1": "meter", "meter-2": "meter"}
-
-
-def prometheus_values(text: str) -> dict[str, float]:
-    """Sample name (with labels) → value from the Prometheus text format."""
-    out = {}
-    for line in text.splitlines():
-        if line and not line.startswith("#"):
-            name, _, value = line.rpartition(" ")
-            out[name] = float(value)
-    return out
 
 
 def load_truth(path: Path) -> dict[str, list[tuple[int, dict[str, Any]]]]:
