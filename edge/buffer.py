@@ -290,9 +290,19 @@ class ReadingBuffer:
         batch, self._pending = self._pending, []
         self._pending_event.clear()
         self._room.set()
+        commit = asyncio.get_running_loop().run_in_executor(self._pool, self._insert_with_room_sync, batch)
         try:
-            await self._run(self._insert_with_room_sync, batch)
-        except BaseException:
+            # Shielded: a cancel (shutdown) must not make us think the commit failed while the
+            # thread goes on and commits it; putting the batch back would commit it twice.
+            await asyncio.shield(commit)
+        except asyncio.CancelledError:
+            try:
+                await commit
+            except Exception:
+                self._pending[:0] = batch
+                self._pending_event.set()
+            raise
+        except Exception:
             self._pending[:0] = batch  # nothing is lost on a failed commit: retry next time
             self._pending_event.set()
             raise

@@ -206,3 +206,20 @@ async def test_row_ids_are_never_reused_after_the_buffer_ran_empty(tmp_path: Pat
     (new,) = await buf.fetch(rows[-1].row_id, 10)
     assert new.row_id > rows[-1].row_id
     await buf.close()
+
+
+async def test_cancelling_a_flush_in_progress_never_commits_twice(tmp_path: Path) -> None:
+    # Shutdown cancels the writer while a commit runs in the buffer thread; the batch must be
+    # committed exactly once (a second copy would get new sequence numbers: a duplicate the hub
+    # cannot recognise).
+    buf = await opened(tmp_path / "b.db")
+    await buf.submit(readings("boiler-1", 100_000))
+    task = asyncio.create_task(buf.flush())
+    await asyncio.sleep(0.02)  # the commit (~0.2 s) is now running in the buffer thread
+    task.cancel()
+    await asyncio.gather(task, return_exceptions=True)
+    await buf.flush()  # what shutdown does next
+    assert buf.backlog == 100_000 and buf.pending == 0
+    rows = await buf.fetch(0, 200_000)
+    assert len(rows) == 100_000 and len({r.ts_ms for r in rows}) == 100_000
+    await buf.close()
