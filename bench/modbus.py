@@ -89,6 +89,18 @@ async def read_loop(driver: ModbusDriver, until: float) -> tuple[int, int, list[
     return regs, errors, lat
 
 
+async def poll_concurrently(drivers: list[ModbusDriver], seconds: float
+                            ) -> tuple[list[tuple[int, int, list[float]]], float]:
+    """Back-to-back polls of every driver at once for ``seconds``; results and elapsed time."""
+    until = time.perf_counter() + seconds
+    t0 = time.perf_counter()
+    results = await asyncio.gather(*(read_loop(d, until) for d in drivers))
+    elapsed = time.perf_counter() - t0
+    for d in drivers:
+        await d.close()
+    return results, elapsed
+
+
 async def bench_rtu(work: Path, seconds: float, baud: int = 19200) -> dict[str, Any]:
     sim = start_sim(work, "--rtu", "--boilers", "2", "--meters", "0", "--baud", str(baud), "--parity", "E",
                     "--pad-registers", "125", name="sim-rtu")
@@ -101,12 +113,7 @@ async def bench_rtu(work: Path, seconds: float, baud: int = 19200) -> dict[str, 
         # Two devices on one bus, polled concurrently: the link serialises them.
         drivers = [ModbusDriver(link, d["unit_id"], profile) for d in devices]
         await link.ensure_connected()
-        until = time.perf_counter() + seconds
-        t0 = time.perf_counter()
-        results = await asyncio.gather(*(read_loop(d, until) for d in drivers))
-        elapsed = time.perf_counter() - t0
-        for d in drivers:
-            await d.close()
+        results, elapsed = await poll_concurrently(drivers, seconds)
     finally:
         sim.stop()
     regs = sum(r[0] for r in results)
@@ -128,12 +135,7 @@ async def bench_tcp(work: Path, seconds: float, devices: int = 8) -> dict[str, A
                    for d in sim.ready["devices"]]
         for d in drivers:
             await d.link.ensure_connected()
-        until = time.perf_counter() + seconds
-        t0 = time.perf_counter()
-        results = await asyncio.gather(*(read_loop(d, until) for d in drivers))
-        elapsed = time.perf_counter() - t0
-        for d in drivers:
-            await d.close()
+        results, elapsed = await poll_concurrently(drivers, seconds)
     finally:
         sim.stop()
     lat = sorted(x for r in results for x in r[2])

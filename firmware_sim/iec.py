@@ -40,6 +40,7 @@ from typing import Any
 from firmware_sim.inject import FaultInjector
 from firmware_sim.line import LineSettings, PtyPort, Transmitter
 from firmware_sim.meter import MeterModel
+from firmware_sim.truth import TruthSource
 from protocol.logs import get_logger
 
 log = get_logger("firmware_sim.iec")
@@ -122,7 +123,7 @@ def _counter(kwh: float) -> str:
     return f"{kwh % COUNTER_ROLLOVER_KWH:010.3f}"
 
 
-class IecMeter:
+class IecMeter(TruthSource):
     """A simulated meter with an optical port (its own pty) speaking IEC 62056-21 mode C."""
 
     kind = "meter"
@@ -211,13 +212,6 @@ class IecMeter:
         self.visible = visible
         self.visible_since_ms = t_ms
 
-    def truth_record(self) -> dict[str, Any]:
-        """The ground-truth log line for the current snapshot."""
-        record: dict[str, Any] = {"t": self.visible_since_ms, "device": self.name, "kind": self.kind,
-                                  "values": self.visible}
-        if injected := self.injector.injected():
-            record["injected"] = injected
-        return record
 
     def ready_entry(self) -> dict[str, Any]:
         """This meter in the ready line."""

@@ -47,6 +47,7 @@ from firmware_sim.line import LineSettings
 from firmware_sim.meter import MeterModel
 from firmware_sim.model import DeviceModel
 from firmware_sim.rtu import RtuBus
+from firmware_sim.truth import TruthSource
 from protocol import codec
 from protocol.logs import get_logger
 from protocol.profile import DeviceProfile, Point, builtin_profile
@@ -228,7 +229,7 @@ def _encode_saturated(point: Point, value: Reading) -> list[int]:
     return codec.encode(point, min(max(float(value), lo), hi))
 
 
-class SimulatedDevice:
+class SimulatedDevice(TruthSource):
     """One simulated Modbus device: its model, register map, current snapshot and server."""
 
     def __init__(self, name: str, model: DeviceModel, profile: DeviceProfile, host: str, port: int, *,
@@ -297,13 +298,6 @@ class SimulatedDevice:
         self.visible = visible
         self.visible_since_ms = t_ms
 
-    def truth_record(self) -> dict[str, Any]:
-        """The ground-truth log line for the current snapshot (with injected-fault counts, if any)."""
-        record: dict[str, Any] = {"t": self.visible_since_ms, "device": self.name, "kind": self.kind,
-                                  "values": self.visible}
-        if injected := self.injector.injected():
-            record["injected"] = injected
-        return record
 
     def simdevice(self, device_id: int = 0) -> SimDevice:
         """pymodbus datastore for this device (coils, discrete inputs, holding, input registers).
