@@ -114,6 +114,29 @@ class StatusV1(_Strict):
     agent_version: Annotated[str, Field(max_length=32)] = ""
     devices: dict[Name, DeviceInfoV1] = {}
     backlog: Annotated[int, Field(ge=0)] = 0
+    models: dict[Name, ActiveModelV1] = {}
+    """Anomaly model the gateway runs, per device profile."""
+
+
+class ModelState(StrEnum):
+    """Where a gateway stands with the model it was assigned for a profile."""
+
+    ACTIVE = "active"  # loaded and scoring
+    FAILED = "failed"  # the assigned version could not be used; the previous one (if any) runs
+
+
+class ActiveModelV1(_Strict):
+    """The model a gateway runs for one device profile, as reported in its status."""
+
+    name: Name
+    version: Annotated[int, Field(ge=1)]
+    sha256: Annotated[str, Field(pattern=r"^[0-9a-f]{64}$")]
+    state: ModelState = ModelState.ACTIVE
+    error: Annotated[str, Field(max_length=500)] = ""
+    """Why the last assigned version was refused or rolled back (empty when none was)."""
+
+
+StatusV1.model_rebuild()
 
 
 class EventType(StrEnum):
@@ -122,6 +145,11 @@ class EventType(StrEnum):
     BUFFER_THINNED = "buffer_thinned"  # disk cap reached: older readings thinned (dropped on purpose)
     BUFFER_CORRUPT = "buffer_corrupt"  # buffer file unreadable, moved aside, a new one started
     BUFFER_FULL = "buffer_full"  # the disk refused writes (SQLITE_FULL) even after thinning
+    ANOMALY_STARTED = "anomaly_started"  # a device's anomaly score crossed its model's threshold
+    ANOMALY_CLEARED = "anomaly_cleared"  # ... and fell back below the clear threshold
+    MODEL_ACTIVATED = "model_activated"  # a new model version was loaded and is scoring
+    MODEL_REJECTED = "model_rejected"  # an assigned model failed download, hash, load or self-test
+    MODEL_ROLLED_BACK = "model_rolled_back"  # an active model misbehaved (NaN scores): previous one restored
 
 
 class EventV1(_Strict):
@@ -135,16 +163,53 @@ class EventV1(_Strict):
     message: Annotated[str, Field(max_length=1000)] = ""
     readings_dropped: Annotated[int, Field(ge=0)] = 0
     """Readings removed from the buffer by this event (never sent)."""
+    device: Name | None = None
+    """Device the event is about (anomaly events), if any."""
     details: dict[str, int | float | str] = {}
+
+
+class ModelAssignmentItemV1(_Strict):
+    """One model a gateway must run: for the devices of ``profile``, fetch ``url`` and check ``sha256``."""
+
+    profile: Name
+    name: Name
+    version: Annotated[int, Field(ge=1)]
+    sha256: Annotated[str, Field(pattern=r"^[0-9a-f]{64}$")]
+    size: Annotated[int, Field(gt=0)]
+    url: Annotated[str, Field(min_length=1, max_length=2000)]
+    """Where to download the ONNX file (the hub's ``/api/v1/models/{name}/{version}/file``)."""
+
+
+class ModelAssignmentV1(_Strict):
+    """Retained hub-to-gateway message (topic ``twin/v1/{site}/{gateway}/models``): the models to run.
+
+    The complete list each time: a profile missing from it has no model assigned (the gateway
+    keeps what its own configuration gives it).
+    """
+
+    v: Literal[1] = 1
+    site: Name
+    gateway: Name
+    ts: TimestampMs
+    models: Annotated[list[ModelAssignmentItemV1], Field(max_length=64)] = []
+
+    @model_validator(mode="after")
+    def _one_per_profile(self) -> ModelAssignmentV1:
+        profiles = [m.profile for m in self.models]
+        if len(set(profiles)) != len(profiles):
+            raise ValueError(f"more than one model for a profile: {profiles}")
+        return self
 
 
 Telemetry = TelemetryV1
 Status = StatusV1
 Event = EventV1
+ModelAssignment = ModelAssignmentV1
 
 _TELEMETRY: dict[int, TypeAdapter[Any]] = {1: TypeAdapter(TelemetryV1)}
 _STATUS: dict[int, TypeAdapter[Any]] = {1: TypeAdapter(StatusV1)}
 _EVENT: dict[int, TypeAdapter[Any]] = {1: TypeAdapter(EventV1)}
+_ASSIGNMENT: dict[int, TypeAdapter[Any]] = {1: TypeAdapter(ModelAssignmentV1)}
 
 
 class SchemaError(ValueError):
@@ -198,6 +263,12 @@ def decode_status(payload: bytes, expect_version: int | None = None) -> Status:
 def decode_event(payload: bytes, expect_version: int | None = None) -> Event:
     """Validate an event payload of any supported version; raises :class:`SchemaError`."""
     result: Event = _decode(_EVENT, payload, expect_version)
+    return result
+
+
+def decode_model_assignment(payload: bytes, expect_version: int | None = None) -> ModelAssignment:
+    """Validate a model-assignment payload (hub to gateway); raises :class:`SchemaError`."""
+    result: ModelAssignment = _decode(_ASSIGNMENT, payload, expect_version)
     return result
 
 

@@ -12,8 +12,9 @@ from typing import Literal
 from protocol.ids import is_valid_name
 
 ROOT = "twin"
-Channel = Literal["telemetry", "status", "events"]
-CHANNELS: tuple[Channel, ...] = ("telemetry", "status", "events")
+Channel = Literal["telemetry", "status", "events", "models"]
+CHANNELS: tuple[Channel, ...] = ("telemetry", "status", "events", "models")
+"""``models`` is the only channel the hub publishes on (retained, to one gateway); the rest flow up."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -39,6 +40,11 @@ def status_topic(site: str, gateway: str, version: int = 1) -> str:
 def events_topic(site: str, gateway: str, version: int = 1) -> str:
     """Topic of a gateway's events (buffer thinned, buffer corrupt, ...)."""
     return f"{ROOT}/v{version}/{site}/{gateway}/events"
+
+
+def models_topic(site: str, gateway: str, version: int = 1) -> str:
+    """Retained topic on which the hub tells one gateway which anomaly models to run."""
+    return f"{ROOT}/v{version}/{site}/{gateway}/models"
 
 
 def subscription(channel: Channel, version: int | None = None, share_group: str | None = None) -> str:
