@@ -1,0 +1,270 @@
+"""Window anomaly detectors: fitted in numpy, exported as small ONNX graphs the edge runs.
+
+A detector turns one window ``[W, F]`` of raw readings into features (per input: the window mean,
+and optionally its standard deviation and least-squares slope), standardises them with statistics
+of normal data, and scores them with one of two families:
+
+``zrms``
+    root-mean-square of the standardised features (a diagonal Mahalanobis distance). Each
+    feature's scale is its normal spread, but never less than a *floor*: an absolute one (e.g.
+    1 K for a motor body whose temperature wanders by that much from run to run) or one relative
+    to the level (e.g. 5 % of a vibration RMS). Without floors a feature that happened to be
+    quiet during training (a few hundred samples) alarms on any later wobble.
+``pca``
+    PCA of the standardised features, scored with Hotelling's T² in the retained components and
+    the squared prediction error Q (what the components cannot explain), each divided by its
+    99th percentile on the training data; score = max of the two ratios. Broken relations
+    between inputs (energy counter vs power, pressure vs water temperature) show up in Q.
+
+The score is "larger is worse"; the alarm threshold is calibrated separately on normal data.
+:meth:`WindowDetector.to_onnx` builds the same computation with plain ONNX operators (opset 17),
+so the edge needs only onnxruntime; :meth:`WindowDetector.score` is the numpy reference the tests
+compare it with.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from typing import Literal
+
+import numpy as np
+import numpy.typing as npt
+
+from protocol.anomaly import CARD_METADATA_KEY, INPUT_NAME, OUTPUT_NAME, ModelCard
+
+Feature = Literal["mean", "std", "slope"]
+Family = Literal["zrms", "pca"]
+OPSET = 17
+_EPS = 1e-9
+
+Array = npt.NDArray[np.float64]
+
+
+def window_features(windows: npt.ArrayLike, features: Sequence[Feature]) -> Array:
+    """Features of each window: ``[N, W, F]`` -> ``[N, len(features) * F]`` (grouped by feature)."""
+    x = np.asarray(windows, dtype=np.float64)
+    if x.ndim != 3:
+        raise ValueError(f"windows must be [N, W, F], got shape {x.shape}")
+    mean = x.mean(axis=1)
+    out: list[Array] = []
+    for feat in features:
+        if feat == "mean":
+            out.append(mean)
+        elif feat == "std":
+            out.append(np.sqrt(((x - mean[:, None, :]) ** 2).mean(axis=1)))
+        elif feat == "slope":
+            out.append(np.einsum("nwf,w->nf", x, _slope_weights(x.shape[1])))
+        else:
+            raise ValueError(f"unknown feature {feat!r}")
+    return np.concatenate(out, axis=1)
+
+
+def _slope_weights(w: int) -> Array:
+    # Least-squares slope per sample: sum_t c_t x_t with c_t = (t - mean t) / sum (t - mean t)^2.
+    t = np.arange(w, dtype=np.float64) - (w - 1) / 2.0
+    denom = float((t * t).sum())
+    return t / denom if denom > 0 else np.zeros(w)
+
+
+def sliding_windows(series: npt.ArrayLike, window: int) -> npt.NDArray[np.float64]:
+    """All windows of ``window`` consecutive rows of ``[T, F]`` (a view: ``[T - window + 1, window, F]``)."""
+    x = np.asarray(series, dtype=np.float64)
+    if len(x) < window:
+        return np.empty((0, window, x.shape[1]))
+    v = np.lib.stride_tricks.sliding_window_view(x, window, axis=0)  # [N, F, W]
+    return np.swapaxes(v, 1, 2)
+
+
+def causal_window_means(series: npt.ArrayLike, window: int) -> Array:
+    """Mean of the last ``window`` rows at every row (fewer at the start): the ``mean`` feature, O(T)."""
+    x = np.asarray(series, dtype=np.float64)
+    c = np.vstack([np.zeros((1, x.shape[1])), np.cumsum(x, axis=0)])
+    n = np.arange(1, len(x) + 1)
+    lo = np.maximum(0, n - window)
+    out: Array = (c[n] - c[lo]) / (n - lo)[:, None]
+    return out
+
+
+@dataclass
+class WindowDetector:
+    """A fitted detector; see the module docstring for the two families."""
+
+    window: int
+    features: tuple[Feature, ...]
+    family: Family
+    center: Array
+    scale: Array
+    components: Array = field(default_factory=lambda: np.zeros((0, 0)))
+    """PCA only: ``[n_features, k]`` orthonormal columns."""
+    t2_weights: Array = field(default_factory=lambda: np.zeros(0))
+    """PCA only: ``1 / (eigenvalue * T² limit)`` per retained component."""
+    q_limit: float = 1.0
+
+    @property
+    def n_inputs(self) -> int:
+        """Number of input metrics (F)."""
+        return len(self.center) // len(self.features)
+
+    def score_features(self, feats: Array) -> Array:
+        """Score feature rows ``[N, n_features]``."""
+        z = (feats - self.center) / self.scale
+        if self.family == "zrms":
+            out: Array = np.sqrt((z * z).mean(axis=1))
+            return out
+        proj = z @ self.components
+        t2 = (proj * proj) @ self.t2_weights
+        resid = z - proj @ self.components.T
+        q = (resid * resid).sum(axis=1) / self.q_limit
+        out = np.maximum(t2, q)
+        return out
+
+    def score(self, windows: npt.ArrayLike) -> Array:
+        """Score windows ``[N, W, F]`` (the numpy reference of the ONNX graph)."""
+        return self.score_features(window_features(windows, self.features))
+
+    def to_onnx(self, card: ModelCard) -> bytes:
+        """The detector as an ONNX model with ``card`` embedded in its metadata."""
+        return _build_onnx(self, card)
+
+
+def fit_zrms(
+    train: Array,
+    window: int,
+    *,
+    floor_abs: npt.ArrayLike | None = None,
+    floor_rel: npt.ArrayLike | None = None,
+) -> WindowDetector:
+    """Fit a ``zrms`` detector on the window means of normal rows ``train`` ``[T, F]``.
+
+    The centre and spread are those of the raw rows (not of overlapping window means, whose
+    spread a few hundred rows cannot estimate), with the floors described in the module doc.
+    """
+    x = np.asarray(train, dtype=np.float64)
+    f = x.shape[1]
+    center = x.mean(axis=0)
+    spread = x.std(axis=0)
+    fa = np.zeros(f) if floor_abs is None else np.broadcast_to(np.asarray(floor_abs, dtype=np.float64), (f,))
+    fr = np.zeros(f) if floor_rel is None else np.broadcast_to(np.asarray(floor_rel, dtype=np.float64), (f,))
+    scale = np.maximum.reduce([spread, fa, fr * np.abs(center)]) + _EPS
+    return WindowDetector(window=window, features=("mean",), family="zrms", center=center, scale=scale)
+
+
+def fit_pca(
+    train_windows: Array,
+    window: int,
+    features: Sequence[Feature] = ("mean", "std", "slope"),
+    *,
+    variance: float = 0.99,
+    limit_quantile: float = 0.99,
+    floor: npt.ArrayLike | None = None,
+) -> WindowDetector:
+    """Fit a ``pca`` (T² + Q) detector on windows of normal data ``[N, W, F]``.
+
+    ``floor`` (per feature column, optional) is the smallest scale a feature may get, for
+    features that are nearly constant in normal data (a stuck sensor's std is 0, but so is a
+    perfectly quantised quiet one).
+    """
+    feats = window_features(train_windows, features)
+    center = feats.mean(axis=0)
+    scale = feats.std(axis=0)
+    if floor is not None:
+        scale = np.maximum(scale, np.broadcast_to(np.asarray(floor, dtype=np.float64), scale.shape))
+    scale = scale + 1e-6
+    z = (feats - center) / scale
+    _, s, vt = np.linalg.svd(z, full_matrices=False)
+    eig = s * s / max(1, len(z) - 1)
+    ratio = np.cumsum(eig) / eig.sum()
+    k = int(np.searchsorted(ratio, variance) + 1)
+    k = max(1, min(k, len(eig) - 1))
+    comps = vt[:k].T
+    proj = z @ comps
+    t2 = (proj * proj / eig[:k]).sum(axis=1)
+    t2_limit = float(np.quantile(t2, limit_quantile)) or 1.0
+    resid = z - proj @ comps.T
+    q = (resid * resid).sum(axis=1)
+    q_limit = float(np.quantile(q, limit_quantile)) or 1.0
+    return WindowDetector(
+        window=window, features=tuple(features), family="pca", center=center, scale=scale,
+        components=comps, t2_weights=1.0 / (eig[:k] * t2_limit), q_limit=q_limit,
+    )
+
+
+# --- ONNX export ---------------------------------------------------------------------------------
+
+
+def _build_onnx(det: WindowDetector, card: ModelCard) -> bytes:
+    import onnx  # training-time dependency only
+    from onnx import TensorProto, helper, numpy_helper
+
+    if card.window != det.window or len(card.inputs) != det.n_inputs:
+        raise ValueError(f"card (window {card.window}, {len(card.inputs)} inputs) does not match the detector "
+                         f"(window {det.window}, {det.n_inputs} inputs)")
+    f32 = np.float32
+    inits: list[onnx.TensorProto] = []
+    nodes: list[onnx.NodeProto] = []
+
+    def const(name: str, value: npt.ArrayLike, dtype: type = f32) -> str:
+        inits.append(numpy_helper.from_array(np.asarray(value, dtype=dtype), name))
+        return name
+
+    # ReduceMean takes its axes as an attribute up to opset 17; Squeeze/ReduceSum as an input.
+    axis1 = const("axis1", [1], np.int64) if det.family == "pca" else ""
+    nodes.append(helper.make_node("ReduceMean", [INPUT_NAME], ["mean"], axes=[1], keepdims=0))
+    parts: list[str] = []
+    for feat in det.features:
+        if feat == "mean":
+            parts.append("mean")
+        elif feat == "std":
+            nodes.append(helper.make_node("ReduceMean", [INPUT_NAME], ["mean_k"], axes=[1], keepdims=1))
+            nodes.append(helper.make_node("Sub", [INPUT_NAME, "mean_k"], ["dev"]))
+            nodes.append(helper.make_node("Mul", ["dev", "dev"], ["dev2"]))
+            nodes.append(helper.make_node("ReduceMean", ["dev2"], ["var"], axes=[1], keepdims=0))
+            nodes.append(helper.make_node("Sqrt", ["var"], ["std"]))
+            parts.append("std")
+        elif feat == "slope":
+            # [N, W, F] -> [N, F, W] @ [W, 1] -> [N, F, 1] -> [N, F]
+            nodes.append(helper.make_node("Transpose", [INPUT_NAME], ["xt"], perm=[0, 2, 1]))
+            wts = const("slope_w", _slope_weights(det.window).reshape(-1, 1))
+            nodes.append(helper.make_node("MatMul", ["xt", wts], ["slope3"]))
+            ax2 = const("axis2", [2], np.int64)
+            nodes.append(helper.make_node("Squeeze", ["slope3", ax2], ["slope"]))
+            parts.append("slope")
+    if len(parts) > 1:
+        nodes.append(helper.make_node("Concat", parts, ["feats"], axis=1))
+        feats = "feats"
+    else:
+        feats = parts[0]
+    nodes.append(helper.make_node("Sub", [feats, const("center", det.center)], ["centred"]))
+    nodes.append(helper.make_node("Div", ["centred", const("scale", det.scale)], ["z"]))
+    if det.family == "zrms":
+        nodes.append(helper.make_node("Mul", ["z", "z"], ["z2"]))
+        nodes.append(helper.make_node("ReduceMean", ["z2"], ["ms"], axes=[1], keepdims=0))
+        nodes.append(helper.make_node("Sqrt", ["ms"], [OUTPUT_NAME]))
+    else:
+        nodes.append(helper.make_node("MatMul", ["z", const("components", det.components)], ["proj"]))
+        nodes.append(helper.make_node("Mul", ["proj", "proj"], ["proj2"]))
+        t2w = const("t2w", det.t2_weights.reshape(-1, 1))
+        nodes.append(helper.make_node("MatMul", ["proj2", t2w], ["t2_2d"]))
+        nodes.append(helper.make_node("Squeeze", ["t2_2d", axis1], ["t2"]))
+        nodes.append(helper.make_node("MatMul", ["proj", const("components_t", det.components.T)], ["recon"]))
+        nodes.append(helper.make_node("Sub", ["z", "recon"], ["resid"]))
+        nodes.append(helper.make_node("Mul", ["resid", "resid"], ["resid2"]))
+        nodes.append(helper.make_node("ReduceSum", ["resid2", axis1], ["qsum"], keepdims=0))
+        nodes.append(helper.make_node("Div", ["qsum", const("q_limit", det.q_limit)], ["q"]))
+        nodes.append(helper.make_node("Max", ["t2", "q"], [OUTPUT_NAME]))
+
+    graph = helper.make_graph(
+        nodes, f"{card.name}-v{card.version}",
+        [helper.make_tensor_value_info(INPUT_NAME, TensorProto.FLOAT, ["batch", card.window, len(card.inputs)])],
+        [helper.make_tensor_value_info(OUTPUT_NAME, TensorProto.FLOAT, ["batch"])],
+        initializer=inits,
+    )
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", OPSET)],
+                              producer_name="digital-twin models", producer_version=str(card.version))
+    model.ir_version = 8  # readable by onnxruntime >= 1.14 (Pi wheels lag behind)
+    card_doc = card.model_copy(update={"sha256": None}).model_dump_json(exclude_none=True)
+    helper.set_model_props(model, {CARD_METADATA_KEY: card_doc})
+    onnx.checker.check_model(model, full_check=True)
+    data: bytes = model.SerializeToString()
+    return data
