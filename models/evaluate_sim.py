@@ -138,6 +138,15 @@ def alarm_states(scores: FloatArray, threshold: float, clear_at: float | None = 
     ``score <= clear_at`` (default ``threshold``), else holds. NaN (no score yet) holds; starts off."""
     s = np.asarray(scores, dtype=np.float64)
     clear = threshold if clear_at is None else clear_at
+    if clear > threshold:
+        # An odd card, but the edge's rule (edge.inference.scorer) still applies, step by step.
+        state = np.zeros(len(s), dtype=np.bool_)
+        active = False
+        for i, x in enumerate(s.tolist()):
+            if not math.isnan(x):
+                active = x > clear if active else x > threshold
+            state[i] = active
+        return state
     with np.errstate(invalid="ignore"):
         rise = s > threshold
         fall = ~rise & (s <= clear)

@@ -221,6 +221,9 @@ def test_alarm_hysteresis() -> None:
     assert alarm_states(scores, 3.0).tolist() == [False, False, True, False, False, False, True, True, False,
                                                   False, True]
     assert rising_edges(alarm_states(scores, 3.0, 1.0)) == 3
+    # clear_at above the threshold: active clears at <= clear_at, inactive rises at > threshold (edge rule).
+    odd = np.array([4.0, 4.0, 6.0, 5.0, np.nan, 4.0])
+    assert alarm_states(odd, 3.0, 5.0).tolist() == [True, False, True, False, False, True]
     assert rising_edges(np.array([True, True, False, True])) == 2
 
 
