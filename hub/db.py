@@ -23,12 +23,14 @@ from tortoise.backends.base.client import BaseDBAsyncClient
 from tortoise.backends.base.config_generator import expand_db_url
 from tortoise.context import TortoiseContext, _current_context
 
+from hub import migrate
 from protocol.logs import get_logger
 
 log = get_logger("hub.db")
 
 Dialect = Literal["sqlite", "postgres"]
-MODELS_MODULE = "hub.models"
+MODELS_MODULES = ["hub.models", "hub.registry"]
+"""Modules of the Tortoise app ``models``: fleet and readings, the anomaly-model registry."""
 
 # SQLite pragmas for the hub's write pattern (one writer, large batches, concurrent API readers):
 # WAL lets readers run beside the writer; synchronous=NORMAL is durable across process crashes in
@@ -107,11 +109,12 @@ class Database:
         return self._ctx is not None
 
     async def open(self, generate_schemas: bool = True) -> Database:
-        """Initialise Tortoise and create missing tables and indexes (``IF NOT EXISTS``)."""
+        """Initialise Tortoise, upgrade tables of an earlier schema (:mod:`hub.migrate`) and create
+        missing tables and indexes (``IF NOT EXISTS``)."""
         ctx = TortoiseContext()
         config = {
             "connections": {self.connection_name: _connection_config(self.url)},
-            "apps": {"models": {"models": [MODELS_MODULE], "default_connection": self.connection_name}},
+            "apps": {"models": {"models": MODELS_MODULES, "default_connection": self.connection_name}},
         }
         self._ctx = ctx
         try:
@@ -119,8 +122,12 @@ class Database:
             with self.activate():
                 await ctx.init(config=config)
                 if generate_schemas:
+                    # Columns and keys added to existing tables first: the CREATE INDEX statements
+                    # of generate_schemas run on existing tables too and may name a new column.
+                    await migrate.before_generate(self)
                     # safe=True: CREATE ... IF NOT EXISTS, so several hubs may share a database.
                     await ctx.generate_schemas(safe=True)
+                    await migrate.after_generate(self)
                 # Connect now rather than on the first query, so a wrong URL fails at start-up.
                 await self.conn.execute_query("SELECT 1")
         except BaseException:

@@ -39,6 +39,9 @@ class Gateway(Model):
     first_seen_ms = fields.BigIntField()
     # Hub clock time of the last telemetry message from this gateway.
     last_seen_ms = fields.BigIntField(null=True)
+    # Anomaly models the gateway reports running, per device profile, from its last "online"
+    # status (StatusV1.models): {profile: {name, version, sha256, state, error}}.
+    reported_models: fields.Field[dict[str, dict[str, str | int]]] = fields.JSONField(default=dict)
 
     class Meta:
         table = "gateway"
@@ -94,10 +97,12 @@ class Reading(Model):
 
 
 class GatewayEvent(Model):
-    """Something a gateway reported that is not a reading (buffer thinned, corrupt, full).
+    """Something a gateway reported that is not a reading (buffer thinned/corrupt/full, anomaly
+    started/cleared, model activated/rejected/rolled back).
 
-    ``(gateway, ts_ms, type)`` is unique: a QoS 1 redelivery, a gateway resending, or two hubs
-    storing the same message keep one row (the first stored wins).
+    ``(gateway, ts_ms, type, device)`` is unique: a QoS 1 redelivery, a gateway resending, or two
+    hubs storing the same message keep one row (the first stored wins), while two devices of one
+    gateway may start an anomaly in the same millisecond.
     """
 
     id = fields.BigIntField(primary_key=True)
@@ -107,6 +112,9 @@ class GatewayEvent(Model):
     # Gateway clock time of the event.
     ts_ms = fields.BigIntField()
     type = fields.CharField(max_length=32)
+    # Name of the device the event is about (EventV1.device, anomaly events), "" when none: part
+    # of the unique key, where a NULL would never equal another NULL and break deduplication.
+    device = fields.CharField(max_length=64, default="")
     message = fields.TextField(default="")
     # Readings the gateway removed from its buffer without sending them.
     readings_dropped = fields.BigIntField(default=0)
@@ -117,4 +125,7 @@ class GatewayEvent(Model):
     class Meta:
         table = "gateway_event"
         # Also the index of "events of one gateway, newest first" (gateway_id, ts_ms DESC).
-        unique_together = (("gateway", "ts_ms", "type"),)
+        # hub.migrate creates the same constraint (same name) in a database of the earlier schema.
+        unique_together = (("gateway", "ts_ms", "type", "device"),)
+        # "Anomaly events of one device, newest first" and "latest anomaly event per device".
+        indexes = (("gateway", "device", "ts_ms"),)

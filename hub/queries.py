@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import json
+from collections.abc import Collection
 from dataclasses import dataclass
 from typing import Any
 
@@ -10,6 +12,9 @@ from tortoise.functions import Count
 from hub.db import Database
 from hub.models import Device, Gateway, GatewayEvent, Reading
 from protocol.ids import device_uid, is_valid_name, split_device_uid
+from protocol.schema import EventType
+
+ANOMALY_EVENTS = (EventType.ANOMALY_STARTED.value, EventType.ANOMALY_CLEARED.value)
 
 
 @dataclass(frozen=True, slots=True)
@@ -24,6 +29,7 @@ class DeviceRow:
     profile: str
     first_seen_ms: int
     last_seen_ms: int | None
+    gateway_pk: int
 
     @property
     def uid(self) -> str:
@@ -91,20 +97,32 @@ class EventRow:
 
     ts_ms: int
     type: str
+    device: str
+    """Device the event is about, ``""`` when none."""
     message: str
     readings_dropped: int
     details: dict[str, Any]
     received_ms: int
 
 
+@dataclass(frozen=True, slots=True)
+class AnomalyState:
+    """A device's anomaly state, from its newest ``anomaly_started`` / ``anomaly_cleared`` event."""
+
+    active: bool
+    score: float | None
+    """``details.score`` of that event, when it carries a number."""
+    ts_ms: int
+
+
 _DEVICE_FIELDS = ("id", "gateway__site__name", "gateway__name", "name", "kind", "profile",
-                  "first_seen_ms", "last_seen_ms")
+                  "first_seen_ms", "last_seen_ms", "gateway_id")
 _READING_FIELDS = ("metric", "ts_ms", "value", "value_text", "unit", "quality", "seq")
 
 
 def _device(row: dict[str, Any]) -> DeviceRow:
     return DeviceRow(row["id"], row["gateway__site__name"], row["gateway__name"], row["name"], row["kind"],
-                     row["profile"], row["first_seen_ms"], row["last_seen_ms"])
+                     row["profile"], row["first_seen_ms"], row["last_seen_ms"], row["gateway_id"])
 
 
 async def list_devices(db: Database, site: str | None = None, gateway: str | None = None) -> list[DeviceRow]:
@@ -206,14 +224,78 @@ async def find_gateway(db: Database, uid: str) -> GatewayRef | None:
 
 
 async def events(db: Database, gateway_pk: int, since_ms: int | None = None, until_ms: int | None = None,
-                 limit: int = 100) -> list[EventRow]:
-    """Events of a gateway with ``ts`` in ``[since, until)``, newest first, at most ``limit``."""
+                 limit: int = 100, types: Collection[str] = (), device: str | None = None) -> list[EventRow]:
+    """Events of a gateway with ``ts`` in ``[since, until)``, newest first, at most ``limit``;
+    only of ``types`` when given, only about ``device`` (a device name) when given."""
     with db.activate():
         q = GatewayEvent.filter(gateway_id=gateway_pk)
         if since_ms is not None:
             q = q.filter(ts_ms__gte=since_ms)
         if until_ms is not None:
             q = q.filter(ts_ms__lt=until_ms)
+        if types:
+            q = q.filter(type__in=list(types))
+        if device is not None:
+            q = q.filter(device=device)
         rows = await q.order_by("-ts_ms", "-id").limit(limit).values_list(
-            "ts_ms", "type", "message", "readings_dropped", "details", "received_ms")
+            "ts_ms", "type", "device", "message", "readings_dropped", "details", "received_ms")
     return [EventRow(*r) for r in rows]
+
+
+# The newest anomaly event of every (gateway, device): ROW_NUMBER() exists in SQLite >= 3.25 and
+# PostgreSQL; the (gateway_id, device, ts_ms) index serves the partitions.
+_ANOMALY_SQL = """
+SELECT gateway_id, device, type, ts_ms, details FROM (
+    SELECT gateway_id, device, type, ts_ms, details,
+           ROW_NUMBER() OVER (PARTITION BY gateway_id, device ORDER BY ts_ms DESC, id DESC) AS rn
+    FROM gateway_event WHERE type IN (?, ?) AND device <> '' {where}
+) newest WHERE rn = 1
+"""
+
+
+def _score(details: Any) -> float | None:
+    if isinstance(details, str | bytes):  # raw SQL gives JSON text (SQLite) or a str (asyncpg)
+        details = json.loads(details)
+    value = details.get("score") if isinstance(details, dict) else None
+    if isinstance(value, int | float) and not isinstance(value, bool):
+        return float(value)
+    return None
+
+
+async def anomaly_states(db: Database, gateway_pk: int | None = None) -> dict[tuple[int, str], AnomalyState]:
+    """(gateway pk, device name) -> anomaly state, for every device with an anomaly event
+    (optionally only of one gateway). Derived from the events when asked, so it cannot drift from
+    them and does not depend on the order the events arrived in."""
+    params: list[Any] = list(ANOMALY_EVENTS)
+    where = ""
+    if gateway_pk is not None:
+        where = "AND gateway_id = ?"
+        params.append(gateway_pk)
+    with db.activate():
+        rows = await db.conn.execute_query_dict(db.sql(_ANOMALY_SQL.format(where=where)), params)
+    return {(r["gateway_id"], r["device"]): AnomalyState(r["type"] == EventType.ANOMALY_STARTED.value,
+                                                        _score(r["details"]), int(r["ts_ms"]))
+            for r in rows}
+
+
+@dataclass(frozen=True, slots=True)
+class GatewayModels:
+    """A gateway's state and the models it reported running in its last "online" status."""
+
+    ref: GatewayRef
+    state: str
+    state_ts_ms: int | None
+    reported: dict[str, dict[str, Any]]
+    """profile -> {name, version, sha256, state, error} (StatusV1.models)."""
+
+
+async def gateway_models(db: Database, gateway: GatewayRef) -> GatewayModels:
+    """What ``gateway`` reported about its models."""
+    with db.activate():
+        row = await Gateway.filter(id=gateway.pk).first().values("state", "state_ts_ms", "reported_models")
+    if row is None:
+        raise LookupError(f"gateway {gateway.uid} vanished")
+    reported = row["reported_models"]
+    if isinstance(reported, str):
+        reported = json.loads(reported)
+    return GatewayModels(gateway, row["state"], row["state_ts_ms"], reported or {})

@@ -7,8 +7,8 @@ insert goes through the Tortoise connection as one parametrised statement per ba
 ``Reading.bulk_create``: building a model object per reading costs more than the whole SQLite
 insert (see ``docs/hub.md``, "Performance").
 
-Gateway events are inserted with ``ON CONFLICT (gateway_id, ts_ms, type) DO NOTHING`` for the same
-reason; the statement's ``RETURNING`` tells which of them were new.
+Gateway events are inserted with ``ON CONFLICT (gateway_id, ts_ms, type, device) DO NOTHING`` for
+the same reason; the statement's ``RETURNING`` tells which of them were new.
 
 Sites, gateways and devices are created on first sight and their ids cached, so the hot path
 does no per-reading lookups.
@@ -19,7 +19,7 @@ from __future__ import annotations
 import json
 import math
 from collections import Counter
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -29,7 +29,7 @@ from tortoise.transactions import in_transaction
 from hub.db import Database
 from hub.models import Device, Gateway, Site
 from protocol.logs import get_logger
-from protocol.schema import DeviceInfoV1, EventV1, StatusV1, TelemetryV1
+from protocol.schema import DeviceInfoV1, EventV1, GatewayState, StatusV1, TelemetryV1
 
 log = get_logger("hub.store")
 
@@ -60,8 +60,9 @@ _INSERT_POSTGRES = (
 
 
 _INSERT_EVENT = (
-    "INSERT INTO gateway_event (gateway_id, ts_ms, type, message, readings_dropped, details, received_ms) "
-    "VALUES (?, ?, ?, ?, ?, ?, ?) ON CONFLICT (gateway_id, ts_ms, type) DO NOTHING RETURNING type"
+    "INSERT INTO gateway_event (gateway_id, ts_ms, type, device, message, readings_dropped, details, "
+    "received_ms) VALUES (?, ?, ?, ?, ?, ?, ?, ?) "
+    "ON CONFLICT (gateway_id, ts_ms, type, device) DO NOTHING RETURNING type"
 )
 
 MAX_READINGS_DROPPED = 2**53
@@ -175,11 +176,20 @@ class _Caches:
     devices: dict[tuple[str, str, str], tuple[int, str, str]] = field(default_factory=dict)
 
 
+def models_json(status: StatusV1) -> str:
+    """A status's ``models`` as the JSON text stored in ``gateway.reported_models``."""
+    models = {profile: m.model_dump(mode="json") for profile, m in status.models.items()}
+    return json.dumps(models, separators=(",", ":"), ensure_ascii=False)
+
+
 class Store:
     """Writes batches for one :class:`~hub.db.Database`. One writer task per store."""
 
-    def __init__(self, db: Database) -> None:
+    def __init__(self, db: Database, on_new_gateway: Callable[[str, str], None] | None = None) -> None:
         self.db = db
+        self.on_new_gateway = on_new_gateway
+        """Called with (site, gateway) when this store creates a gateway (the hub publishes the
+        new gateway's model assignments). Must not block."""
         self._cache = _Caches()
 
     def forget_cache(self) -> None:
@@ -211,6 +221,8 @@ class Store:
                 try:
                     obj = await Gateway.create(site_id=sid, name=gateway, first_seen_ms=now_ms)
                     log.info("gateway_new", site=site, gateway=gateway)
+                    if self.on_new_gateway is not None:
+                        self.on_new_gateway(site, gateway)
                 except IntegrityError:
                     obj = await Gateway.get(site_id=sid, name=gateway)
             gid = self._cache.gateways[key] = obj.id
@@ -287,18 +299,23 @@ class Store:
                 if seen > device_seen.get(did, -1):
                     device_seen[did] = seen
         status_rows = []
+        models_rows = []
         for s_item in statuses:
             s = s_item.status
             gid = await self._gateway_id(s.site, s.gateway, s_item.received_ms)
             if s.devices:
                 await self.device_ids(s.site, s.gateway, s.devices, s_item.received_ms)
             status_rows.append([s.state.value, s.ts, s.agent_version, s.backlog, gid])
+            # Only an "online" status says what runs now; an "offline" one (the Last Will is
+            # composed at connect time) keeps the last report visible.
+            if s.state is GatewayState.ONLINE:
+                models_rows.append([models_json(s), gid])
         event_rows = []
         for e_item in events:
             e = e_item.event
             gid = await self._gateway_id(e.site, e.gateway, e_item.received_ms)
-            event_rows.append([gid, e.ts, e.type.value, clean_text(e.message), e.readings_dropped,
-                               details_json(e.details), e_item.received_ms])
+            event_rows.append([gid, e.ts, e.type.value, e.device or "", clean_text(e.message),
+                               e.readings_dropped, details_json(e.details), e_item.received_ms])
         result.readings = len(rows)
 
         sql = self.db.sql
@@ -321,6 +338,8 @@ class Store:
                 await conn.execute_many(sql(
                     "UPDATE gateway SET state = ?, state_ts_ms = ?, agent_version = ?, backlog = ? "
                     "WHERE id = ?"), status_rows)
+            if models_rows:
+                await conn.execute_many(sql("UPDATE gateway SET reported_models = ? WHERE id = ?"), models_rows)
             insert_event = sql(_INSERT_EVENT)
             for row in event_rows:  # events are rare: one statement each tells which were new
                 for new in await conn.execute_query_dict(insert_event, row):

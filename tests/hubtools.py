@@ -37,10 +37,12 @@ def telemetry(site: str, gateway: str, readings: Sequence[ReadingTuple], **kw: A
 
 
 def event_payload(site: str, gateway: str, type: str, ts: int = T0, *, readings_dropped: int = 0,
-                  message: str = "", details: dict[str, Any] | None = None) -> bytes:
-    """A v1 event payload (compact JSON, as a gateway sends it)."""
-    doc = {"v": 1, "site": site, "gateway": gateway, "ts": ts, "type": type, "message": message,
-           "readings_dropped": readings_dropped, "details": details or {}}
+                  message: str = "", details: dict[str, Any] | None = None, device: str | None = None) -> bytes:
+    """A v1 event payload (compact JSON, as a gateway sends it); ``device`` only when given."""
+    doc: dict[str, Any] = {"v": 1, "site": site, "gateway": gateway, "ts": ts, "type": type, "message": message,
+                           "readings_dropped": readings_dropped, "details": details or {}}
+    if device is not None:
+        doc["device"] = device
     return json.dumps(doc, separators=(",", ":")).encode()
 
 
