@@ -61,6 +61,16 @@ class HttpConfig(_Section):
     host: str = "127.0.0.1"
     port: Port = 8000
     """0 picks a free port (the ready line on stdout tells which)."""
+    public_url: Annotated[str, Field(pattern=r"^https?://[^\s/?#]+(/[^\s?#]*)?$", max_length=1000)] | None = None
+    """Base URL under which gateways reach this hub's API (through a proxy, a DNS name, ...): model
+    assignments tell gateways to download ``<public_url>/api/v1/models/{name}/{version}/file``.
+    Unset: ``http://<host>:<port>`` of the listener (``0.0.0.0`` becomes ``127.0.0.1``)."""
+
+    @model_validator(mode="after")
+    def _no_trailing_slash(self) -> HttpConfig:
+        if self.public_url is not None:
+            self.public_url = self.public_url.rstrip("/")
+        return self
 
 
 class IngestConfig(_Section):
@@ -99,6 +109,7 @@ ENV_OVERRIDES: dict[str, tuple[str, str]] = {
     "HUB_PORT": ("http", "port"),
     "MQTT_PORT": ("mqtt", "port"),
     "HUB_DATABASE_URL": ("database", "url"),
+    "HUB_PUBLIC_URL": ("http", "public_url"),
 }
 
 
@@ -113,7 +124,7 @@ def parse_config(text: str, source: str = "<string>") -> HubConfig:
 
 
 def apply_env(config: HubConfig, environ: Mapping[str, str] | None = None) -> HubConfig:
-    """Return ``config`` with ``HUB_PORT`` / ``MQTT_PORT`` / ``HUB_DATABASE_URL`` applied.
+    """Return ``config`` with ``HUB_PORT`` / ``MQTT_PORT`` / ``HUB_DATABASE_URL`` / ``HUB_PUBLIC_URL`` applied.
 
     A bad value raises :class:`ConfigError` naming the variable.
     """

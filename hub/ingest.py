@@ -11,6 +11,10 @@ Two tasks share one queue: the *receiver* decodes messages as they arrive (so de
 with the database work of the previous batch) and the *writer* groups them into batches of at
 most ``batch_max_readings`` readings or ``batch_max_delay_ms`` of waiting, commits, and sends the
 PUBACKs in arrival order, as MQTT requires.
+
+The hub also *publishes* on this connection (the retained model assignments of
+:mod:`hub.rollout`) through :meth:`Ingest.publish`: outgoing messages have their own message ids
+and acknowledgements, so they do not touch the manual PUBACKs of incoming ones.
 """
 
 from __future__ import annotations
@@ -76,6 +80,10 @@ def now_ms() -> int:
     return time.time_ns() // 1_000_000
 
 
+class PublishError(RuntimeError):
+    """A message could not be published (not connected, or the broker did not acknowledge it)."""
+
+
 class Ingest:
     """The MQTT side of the hub. ``await run()`` until :meth:`stop`."""
 
@@ -100,6 +108,27 @@ class Ingest:
         self._generation = 0
         self._writer_task: asyncio.Task[None] | None = None
         self._drain_timeout = 5.0
+        self._subscribed_hooks: list[Callable[[], None]] = []
+
+    def on_subscribed(self, hook: Callable[[], None]) -> None:
+        """Call ``hook`` (synchronously; it must not block) each time a connection is subscribed:
+        at start and after every reconnection."""
+        self._subscribed_hooks.append(hook)
+
+    async def publish(self, topic: str, payload: bytes, *, qos: int = 1, retain: bool = False,
+                      timeout_s: float = 10.0) -> None:
+        """Publish on the hub's connection and wait (at most ``timeout_s``) for the broker's
+        acknowledgement (QoS 1). Raises :class:`PublishError` when not connected or not acknowledged;
+        the caller retries (after a reconnection the hooks of :meth:`on_subscribed` run)."""
+        client = self._client
+        if client is None or not self.subscribed.is_set():
+            raise PublishError("not connected to the broker")
+        try:
+            # paho queues the packet and the socket is written by aiomqtt's loop callbacks: the
+            # event loop is never blocked, only this coroutine waits for the PUBACK.
+            await client.publish(topic, payload, qos=qos, retain=retain, timeout=timeout_s)
+        except aiomqtt.MqttError as exc:
+            raise PublishError(f"publish to {topic} failed: {exc}") from exc
 
     @property
     def topics(self) -> list[str]:
@@ -192,6 +221,8 @@ class Ingest:
             self.metrics.mqtt_connected.set(1)
             log.info("mqtt_subscribed", host=self.mqtt.host, port=self.mqtt.port,
                      client_id=self.mqtt.client_id, topics=self.topics)
+            for hook in self._subscribed_hooks:
+                hook()
             receiver = asyncio.create_task(self._receive(client, generation), name="hub-ingest-receiver")
             stopping = asyncio.create_task(self._stop.wait())
             try:

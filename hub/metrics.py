@@ -88,6 +88,10 @@ class HubMetrics:
         self.mqtt_connected = Gauge("twin_hub_mqtt_connected", "1 while connected and subscribed", registry=r)
         self.queue_depth = Gauge("twin_hub_ingest_queue_messages", "Messages received, not yet committed",
                                  registry=r)
+        self._assignments = Counter("twin_hub_model_assignments_published",
+                                    "Retained model-assignment messages acknowledged by the broker", registry=r)
+        self._assignment_failures = Counter("twin_hub_model_assignments_publish_failures",
+                                            "Model-assignment publishes that failed (retried)", registry=r)
 
     def message(self, channel: str) -> None:
         """Count one received message of ``channel`` (telemetry, status, events or unknown)."""
@@ -140,6 +144,14 @@ class HubMetrics:
         """Count one lost MQTT connection."""
         self.stats.reconnects += 1
         self._reconnects.inc()
+
+    def assignment_published(self) -> None:
+        """Count one model-assignment message acknowledged by the broker."""
+        self._assignments.inc()
+
+    def assignment_publish_failed(self) -> None:
+        """Count one failed model-assignment publish."""
+        self._assignment_failures.inc()
 
     def acked(self, n: int) -> None:
         """Count acknowledged messages."""

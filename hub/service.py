@@ -1,4 +1,4 @@
-"""The hub process: database, MQTT ingest and HTTP API in one asyncio event loop.
+"""The hub process: database, MQTT ingest, model rollout and HTTP API in one asyncio event loop.
 
 ``twin-hub run`` uses :class:`Hub` through :mod:`hub.cli`; tests run it in-process::
 
@@ -18,8 +18,9 @@ import uvicorn
 from hub.api import ApiContext, create_app
 from hub.config import HubConfig
 from hub.db import Database, redact_url
-from hub.ingest import Ingest
+from hub.ingest import Ingest, now_ms
 from hub.metrics import HubMetrics, IngestStats
+from hub.rollout import Rollout
 from hub.store import Store
 from protocol.logs import get_logger
 
@@ -52,6 +53,11 @@ class Hub:
         self.db = Database(config.database.url)
         self.store = Store(self.db)
         self.ingest = Ingest(config.mqtt, config.ingest, self.store, self.metrics)
+        self.rollout = Rollout(self.db, self.ingest, lambda: self.public_url, self.metrics, now_ms)
+        # A new gateway gets its (fleet-wide) assignments at once; every known gateway gets them
+        # again whenever the MQTT connection is (re)subscribed.
+        self.store.on_new_gateway = lambda site, gateway: self.rollout.mark((site, gateway))
+        self.ingest.on_subscribed(self.rollout.mark_all)
         self.port: int | None = None
         self._server: _Server | None = None
         self._tasks: list[asyncio.Task[None]] = []
@@ -71,6 +77,11 @@ class Hub:
             host = "127.0.0.1"
         return f"http://{'[' + host + ']' if ':' in host else host}:{self.port}"
 
+    @property
+    def public_url(self) -> str:
+        """Base URL gateways download model files from: ``[http] public_url``, else :attr:`api_url`."""
+        return self.config.http.public_url or self.api_url
+
     async def start(self, wait_subscribed: bool = True, ready_within_s: float | None = 15.0) -> None:
         """Open the database, start HTTP and ingest; with ``wait_subscribed`` return once the
         MQTT subscription is in place (``ready_within_s=None`` waits as long as the broker is away).
@@ -83,7 +94,7 @@ class Hub:
             raise HubError(f"cannot open database {redact_url(self.db.url)}: {exc}") from exc
         self._tasks.append(asyncio.create_task(self.ingest.run(), name="hub-ingest"))
         app = create_app(ApiContext(db=self.db, status=self.config.status, ingest=self.ingest,
-                                    metrics=self.metrics))
+                                    metrics=self.metrics, rollout=self.rollout))
         self._server = _Server(uvicorn.Config(
             app, host=self.config.http.host, port=self.config.http.port, log_config=None,
             access_log=False, lifespan="off", timeout_graceful_shutdown=3))
@@ -96,6 +107,8 @@ class Hub:
             await asyncio.sleep(0.01)
         sockets = self._server.servers[0].sockets
         self.port = int(sockets[0].getsockname()[1])
+        # Started once the port (and so the download URL) is known; marks made before wait for it.
+        self._tasks.append(asyncio.create_task(self.rollout.run(), name="hub-rollout"))
         if wait_subscribed:
             try:
                 await asyncio.wait_for(self.ingest.subscribed.wait(), ready_within_s)
@@ -126,6 +139,7 @@ class Hub:
     async def stop(self, drain_s: float = 5.0) -> None:
         """Graceful stop: commit and acknowledge what was received, disconnect MQTT, stop HTTP,
         close the database; the drain of received messages is bounded by ``drain_s``."""
+        await self.rollout.stop()
         await self.ingest.stop(drain_s)
         if self._server is not None:
             self._server.should_exit = True

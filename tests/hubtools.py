@@ -12,6 +12,7 @@ from collections.abc import Callable, Sequence
 from typing import Any
 
 from hub.config import HubConfig
+from protocol.anomaly import CARD_METADATA_KEY, ModelCard, card_json
 from protocol.schema import EventV1, TelemetryV1, Value, decode_event, decode_telemetry, encode_telemetry_v1
 
 ReadingTuple = tuple[str, str, int, int, Value, str, str]
@@ -79,3 +80,53 @@ async def wait_until(predicate: Callable[[], bool], within_s: float = 10.0, what
         if time.monotonic() > deadline:
             raise AssertionError(f"timed out after {within_s}s waiting for {what}")
         await asyncio.sleep(0.01)
+
+
+def model_card(name: str = "sim-boiler-anomaly", version: int = 1, profile: str = "sim-boiler", *,
+               inputs: Sequence[tuple[str, str]] = (("flow_temp", "degC"), ("return_temp", "degC"),
+                                                     ("pressure", "bar")),
+               window: int = 8, **fields: Any) -> ModelCard:
+    """A valid model card (no sha256: as embedded in an ONNX file)."""
+    doc: dict[str, Any] = {
+        "name": name, "version": version, "profile": profile,
+        "inputs": [{"metric": m, "unit": u} for m, u in inputs], "window": window, "sample_period_s": 1.0,
+        "threshold": 2.5, "method": "mean of the window (test model)", "training_data": "none",
+        "quality": {"f1": 0.9}, "created": "2025-11-25T14:00:00Z", "opset": 17, "seed": 1,
+    }
+    doc.update(fields)
+    return ModelCard.model_validate(doc)
+
+
+def onnx_model(card: ModelCard | None, *, features: int | None = None, window: int | str | None = None,
+               input_name: str = "window", output_name: str = "score", scale: float = 1.0,
+               metadata: dict[str, str] | None = None, output_rank: int = 1) -> bytes:
+    """An ONNX model file built with ``onnx.helper``: input ``window`` float32 [N, W, F], output
+    ``score`` float32 [N] = ``scale`` * sum over the window of the mean over the features.
+
+    ``card`` goes into the metadata property ``twin.card`` (unless ``metadata`` replaces all
+    properties); ``features`` / ``window`` / names / ``output_rank`` override what the card implies,
+    to build mismatching files; another ``scale`` gives other bytes for the same card.
+    """
+    import onnx
+    from onnx import TensorProto, helper
+
+    f = features if features is not None else (len(card.inputs) if card else 3)
+    w = window if window is not None else (card.window if card else 8)
+    x = helper.make_tensor_value_info(input_name, TensorProto.FLOAT, ["N", w, f])
+    y = helper.make_tensor_value_info(output_name, TensorProto.FLOAT, ["N"] if output_rank == 1 else ["N", 1])
+    nodes = [
+        # opset 17: ReduceMean takes axes as an attribute, ReduceSum as an input
+        helper.make_node("ReduceMean", [input_name], ["per_sample"], axes=[2], keepdims=0),  # [N, W]
+        helper.make_node("ReduceSum", ["per_sample", "sum_axes"], ["total"],
+                         keepdims=0 if output_rank == 1 else 1),  # [N] (or [N, 1])
+        helper.make_node("Mul", ["total", "scale"], [output_name]),
+    ]
+    initializers = [helper.make_tensor("sum_axes", TensorProto.INT64, [1], [1]),
+                    helper.make_tensor("scale", TensorProto.FLOAT, [], [scale])]
+    graph = helper.make_graph(nodes, "twin-test-score", [x], [y], initializer=initializers)
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)], producer_name="twin-tests")
+    model.ir_version = 8  # within what every supported onnxruntime reads
+    props = metadata if metadata is not None else ({CARD_METADATA_KEY: card_json(card)} if card else {})
+    helper.set_model_props(model, props)
+    onnx.checker.check_model(model)
+    return bytes(model.SerializeToString())

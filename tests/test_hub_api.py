@@ -190,11 +190,11 @@ async def test_gateway_events(api: httpx.AsyncClient) -> None:
     r = await api.get(base)
     assert r.status_code == 200
     assert r.json() == [
-        {"ts": "2025-11-25T14:15:50.000Z", "type": "buffer_full", "message": "SQLITE_FULL", "readings_dropped": 0,
-         "details": {}, "received": "2025-11-25T14:15:51.000Z"},
-        {"ts": "2025-11-25T14:15:00.000Z", "type": "buffer_corrupt", "message": "buffer.db moved aside",
+        {"ts": "2025-11-25T14:15:50.000Z", "type": "buffer_full", "device": None, "message": "SQLITE_FULL",
+         "readings_dropped": 0, "details": {}, "received": "2025-11-25T14:15:51.000Z"},
+        {"ts": "2025-11-25T14:15:00.000Z", "type": "buffer_corrupt", "device": None, "message": "buffer.db moved aside",
          "readings_dropped": 30, "details": {}, "received": "2025-11-25T14:15:01.000Z"},
-        {"ts": "2025-11-25T14:13:20.000Z", "type": "buffer_thinned", "message": "disk cap reached",
+        {"ts": "2025-11-25T14:13:20.000Z", "type": "buffer_thinned", "device": None, "message": "disk cap reached",
          "readings_dropped": 120, "details": {"cap_mb": 50, "ratio": 0.5, "policy": "every-2nd"},
          "received": "2025-11-25T14:13:21.000Z"},
     ]

@@ -14,6 +14,7 @@ from hub.config import StatusConfig
 from hub.db import Database
 from hub.ingest import Ingest, now_ms
 from hub.metrics import HubMetrics
+from hub.rollout import Rollout
 
 
 @dataclass
@@ -27,6 +28,8 @@ class ApiContext:
     metrics: HubMetrics = field(default_factory=HubMetrics)
     clock: Callable[[], int] = now_ms
     """Hub clock in epoch ms, used for online/stale/offline."""
+    rollout: Rollout | None = None
+    """Publishes model assignments; ``None``: assignments are stored but not published (tests)."""
     started: float = field(default_factory=time.monotonic)
 
 
@@ -51,17 +54,20 @@ class _ActivateDatabase:
 
 def create_app(ctx: ApiContext) -> FastAPI:
     """Build the API around an open database (and optionally a running ingest)."""
+    from hub.api.model_routes import router as models_router
     from hub.api.routes import metrics_router, router
 
     app = FastAPI(
         title="Digital twin hub",
         version=__version__,
-        description="Devices, gateways and readings ingested from the gateways over MQTT.",
+        description="Devices, gateways and readings ingested from the gateways over MQTT; anomaly-model "
+                    "registry and rollout.",
         docs_url="/docs",
         openapi_url="/openapi.json",
     )
     app.state.hub = ctx
     app.include_router(router)
+    app.include_router(models_router)
     app.include_router(metrics_router)
     app.add_middleware(_ActivateDatabase, db=ctx.db)
     return app

@@ -12,6 +12,8 @@ from fastapi.responses import JSONResponse
 from hub import __version__, queries
 from hub.api.app import ApiContext
 from hub.api.schemas import (
+    NO_ANOMALY,
+    AnomalyOut,
     BrokerHealth,
     DatabaseHealth,
     DeviceOut,
@@ -28,6 +30,7 @@ from hub.db import redact_url
 from hub.metrics import CONTENT_TYPE
 from hub.status import device_status, gateway_status
 from protocol.ids import NAME_PATTERN
+from protocol.schema import EventType
 
 MAX_LIMIT = 10_000
 
@@ -84,17 +87,24 @@ async def health(ctx: Ctx) -> JSONResponse:
     return JSONResponse(body.model_dump(), status_code=200 if body.status == "ok" else 503)
 
 
-def _device_out(ctx: ApiContext, d: queries.DeviceRow, now: int) -> DeviceOut:
+def _device_out(ctx: ApiContext, d: queries.DeviceRow, now: int,
+                anomalies: dict[tuple[int, str], queries.AnomalyState]) -> DeviceOut:
+    state = anomalies.get((d.gateway_pk, d.name))
+    anomaly = NO_ANOMALY if state is None else AnomalyOut(active=state.active, score=state.score,
+                                                           since=iso_ms(state.ts_ms))
     return DeviceOut(id=d.uid, kind=d.kind, site=d.site, gateway=d.gateway, name=d.name, profile=d.profile,
                      status=device_status(d.last_seen_ms, now, ctx.status),
-                     last_seen=iso_ms(d.last_seen_ms), first_seen=iso_ms(d.first_seen_ms))
+                     last_seen=iso_ms(d.last_seen_ms), first_seen=iso_ms(d.first_seen_ms), anomaly=anomaly)
 
 
 @router.get("/devices", response_model=list[DeviceOut])
 async def list_devices(ctx: Ctx, site: NameQuery = None, gateway: NameQuery = None) -> list[DeviceOut]:
-    """All devices ever seen, ordered by id; optionally only one site's or gateway's."""
+    """All devices ever seen, ordered by id, with liveness and anomaly state; optionally only one
+    site's or gateway's."""
     now = ctx.clock()
-    return [_device_out(ctx, d, now) for d in await queries.list_devices(ctx.db, site, gateway)]
+    devices = await queries.list_devices(ctx.db, site, gateway)
+    anomalies = await queries.anomaly_states(ctx.db)
+    return [_device_out(ctx, d, now, anomalies) for d in devices]
 
 
 async def _device_or_404(ctx: ApiContext, device_id: str) -> queries.DeviceRow:
@@ -107,7 +117,8 @@ async def _device_or_404(ctx: ApiContext, device_id: str) -> queries.DeviceRow:
 @router.get("/devices/{device_id}", response_model=DeviceOut, responses=_NOT_FOUND)
 async def get_device(ctx: Ctx, device_id: str) -> DeviceOut:
     """One device by uid ``site.gateway.device``."""
-    return _device_out(ctx, await _device_or_404(ctx, device_id), ctx.clock())
+    dev = await _device_or_404(ctx, device_id)
+    return _device_out(ctx, dev, ctx.clock(), await queries.anomaly_states(ctx.db, dev.gateway_pk))
 
 
 @router.get("/devices/{device_id}/latest", response_model=LatestOut, responses=_NOT_FOUND)
@@ -153,6 +164,19 @@ async def list_gateways(ctx: Ctx) -> list[GatewayOut]:
     return out
 
 
+def _event_out(e: queries.EventRow) -> EventOut:
+    return EventOut(ts=iso_ms(e.ts_ms), type=e.type, device=e.device or None, message=e.message,
+                    readings_dropped=e.readings_dropped, details=e.details, received=iso_ms(e.received_ms))
+
+
+async def gateway_or_404(ctx: ApiContext, gateway_id: str) -> queries.GatewayRef:
+    """The gateway ``site.gateway``; 404 ``unknown gateway`` when there is none."""
+    gw = await queries.find_gateway(ctx.db, gateway_id)
+    if gw is None:
+        raise HTTPException(status_code=404, detail=f"unknown gateway {gateway_id!r}")
+    return gw
+
+
 @router.get("/gateways/{gateway_id}/events", response_model=list[EventOut], responses=_GATEWAY_NOT_FOUND)
 async def gateway_events(
     ctx: Ctx,
@@ -160,16 +184,36 @@ async def gateway_events(
     since: SinceQuery = None,
     until: UntilQuery = None,
     limit: Annotated[int, Query(ge=1, le=MAX_LIMIT)] = 100,
+    type: Annotated[list[EventType] | None, Query(description="Only these types (repeat the parameter)")] = None,
+    device: Annotated[str | None, Query(pattern=NAME_PATTERN, max_length=64,
+                                        description="Only events about this device (its name)")] = None,
 ) -> list[EventOut]:
-    """Events of the gateway ``site.gateway`` (buffer thinned, corrupt, full), newest first, with
-    ``ts`` in ``[since, until)``, at most ``limit`` (default 100, max 10000)."""
+    """Events of the gateway ``site.gateway`` (buffer thinned/corrupt/full, anomaly started/cleared,
+    model activated/rejected/rolled back), newest first, with ``ts`` in ``[since, until)``, at most
+    ``limit`` (default 100, max 10000); optionally only of the given types
+    (``type``, repeated) or only about one ``device`` (its name)."""
     since_ms, until_ms = _time_range(since, until)
-    gw = await queries.find_gateway(ctx.db, gateway_id)
-    if gw is None:
-        raise HTTPException(status_code=404, detail=f"unknown gateway {gateway_id!r}")
-    rows = await queries.events(ctx.db, gw.pk, since_ms, until_ms, limit)
-    return [EventOut(ts=iso_ms(e.ts_ms), type=e.type, message=e.message, readings_dropped=e.readings_dropped,
-                     details=e.details, received=iso_ms(e.received_ms)) for e in rows]
+    gw = await gateway_or_404(ctx, gateway_id)
+    rows = await queries.events(ctx.db, gw.pk, since_ms, until_ms, limit, types=[t.value for t in type or ()],
+                                device=device)
+    return [_event_out(e) for e in rows]
+
+
+@router.get("/devices/{device_id}/anomalies", response_model=list[EventOut], responses=_NOT_FOUND)
+async def device_anomalies(
+    ctx: Ctx,
+    device_id: str,
+    since: SinceQuery = None,
+    until: UntilQuery = None,
+    limit: Annotated[int, Query(ge=1, le=MAX_LIMIT)] = 100,
+) -> list[EventOut]:
+    """``anomaly_started`` / ``anomaly_cleared`` events of the device, newest first, with ``ts`` in
+    ``[since, until)``, at most ``limit`` (default 100, max 10000)."""
+    since_ms, until_ms = _time_range(since, until)
+    dev = await _device_or_404(ctx, device_id)
+    rows = await queries.events(ctx.db, dev.gateway_pk, since_ms, until_ms, limit, types=queries.ANOMALY_EVENTS,
+                                device=dev.name)
+    return [_event_out(e) for e in rows]
 
 
 @metrics_router.get("/metrics", include_in_schema=False)
