@@ -68,10 +68,11 @@ CREATE TABLE IF NOT EXISTS devices (device TEXT PRIMARY KEY, kind TEXT NOT NULL,
 CREATE TABLE IF NOT EXISTS device_seq (
     device TEXT PRIMARY KEY, first_seq INTEGER NOT NULL, last_seq INTEGER NOT NULL
 );
--- Events (buffer thinned, corrupt, full) waiting to be published; removed once acknowledged.
+-- Events (buffer thinned/corrupt/full, anomalies, model rollout) waiting to be published;
+-- removed once acknowledged. `device` (anomaly events) is added to older files on open.
 CREATE TABLE IF NOT EXISTS events (
     id INTEGER PRIMARY KEY, ts INTEGER NOT NULL, type TEXT NOT NULL, message TEXT NOT NULL,
-    dropped INTEGER NOT NULL, details TEXT NOT NULL
+    dropped INTEGER NOT NULL, details TEXT NOT NULL, device TEXT
 );
 -- AUTOINCREMENT: row ids must never be reused, or a reading committed after the buffer ran
 -- empty would get an id below the uplink's cursor and never be sent.
@@ -107,6 +108,7 @@ class BufferEvent:
     message: str
     dropped: int
     details: dict[str, int | float | str]
+    device: str | None = None
 
 
 class ReadingBuffer:
@@ -139,6 +141,7 @@ class ReadingBuffer:
         """Set when an event was recorded; the uplink publishes events and clears it."""
         self.dropped_total = 0
         """Readings removed by the disk cap since start (thinned or dropped, never sent)."""
+        self._event_ts: dict[str, int] = {}  # last ts given to an event of each type
         self._page_size = 4096
 
     # -- lifecycle -------------------------------------------------------------------------
@@ -202,6 +205,9 @@ class ReadingBuffer:
                 COMMIT;""")
             row = ("2",)
         db.executescript(_SCHEMA)
+        if "device" not in {c[1] for c in db.execute("PRAGMA table_info(events)")}:
+            # Additive and invisible to older agents (they name their columns), so no version bump.
+            db.execute("ALTER TABLE events ADD COLUMN device TEXT")
         if row is None:
             db.execute("INSERT INTO meta VALUES ('schema_version', ?)", (str(SCHEMA_VERSION),))
         elif int(row[0]) != SCHEMA_VERSION:
@@ -403,14 +409,28 @@ class ReadingBuffer:
                 self.on_dropped(removed)
         return removed
 
-    def _add_event_sync(self, type_: str, message: str, dropped: int, details: dict[str, int | float | str]) -> None:
+    def _add_event_sync(self, type_: str, message: str, dropped: int, details: dict[str, int | float | str],
+                        device: str | None = None, ts_ms: int | None = None) -> None:
         assert self._db is not None
+        # The hub keeps one event per (gateway, ts, type): two events of a type never share a ts.
+        ts = max(time.time_ns() // 1_000_000 if ts_ms is None else ts_ms, self._event_ts.get(type_, -1) + 1)
         try:
-            self._db.execute("INSERT INTO events (ts, type, message, dropped, details) VALUES (?, ?, ?, ?, ?)",
-                             (time.time_ns() // 1_000_000, type_, message, dropped, json.dumps(details)))
+            self._db.execute("INSERT INTO events (ts, type, message, dropped, details, device) "
+                             "VALUES (?, ?, ?, ?, ?, ?)", (ts, type_, message, dropped, json.dumps(details), device))
+            self._event_ts[type_] = ts
             self.events_waiting = True
         except sqlite3.OperationalError as exc:  # a full disk may refuse even this small row
             log.error("buffer_event_not_recorded", type=type_, dropped=dropped, error=str(exc))
+
+    async def add_event(self, type_: str, message: str, details: dict[str, int | float | str] | None = None, *,
+                        device: str | None = None, ts_ms: int | None = None) -> None:
+        """Record an event for the hub (published by the uplink, kept until the broker acknowledged it).
+
+        ``ts_ms`` defaults to now; it is moved 1 ms past the previous event of the same type if
+        needed, so that the hub (which keeps one event per gateway, ts and type) keeps both.
+        """
+        await self._run(self._add_event_sync, type_, message, 0, details or {}, device, ts_ms)
+        self.new_data.set()  # wakes an idle uplink, which publishes waiting events first
 
     def _insert_sync(self, batch: list[Reading]) -> None:
         db = self._db
@@ -483,8 +503,8 @@ class ReadingBuffer:
         """Events waiting to be published, oldest first."""
         def rows() -> list[BufferEvent]:
             assert self._db is not None
-            return [BufferEvent(i, ts, t, m, d, json.loads(det)) for i, ts, t, m, d, det in self._db.execute(
-                "SELECT id, ts, type, message, dropped, details FROM events ORDER BY id LIMIT ?", (limit,))]
+            return [BufferEvent(i, ts, t, m, d, json.loads(det), dev) for i, ts, t, m, d, det, dev in self._db.execute(
+                "SELECT id, ts, type, message, dropped, details, device FROM events ORDER BY id LIMIT ?", (limit,))]
         return await self._run(rows)
 
     async def ack_event(self, row_id: int) -> None:

@@ -176,10 +176,11 @@ class Uplink:
         self.buffer.events_waiting = False
         for ev in await self.buffer.events():
             payload = encode(EventV1(site=self.site, gateway=self.gateway, ts=ev.ts_ms, type=EventType(ev.type),
-                                     message=ev.message[:1000], readings_dropped=ev.dropped, details=ev.details))
+                                     message=ev.message[:1000], readings_dropped=ev.dropped, device=ev.device,
+                                     details=ev.details))
             await client.publish(self.events_topic, payload, qos=1)
             await self.buffer.ack_event(ev.row_id)
-            log.info("event_published", type=ev.type, readings_dropped=ev.dropped)
+            log.info("event_published", type=ev.type, device=ev.device, readings_dropped=ev.dropped)
 
     @staticmethod
     async def _wait_any(aw: Awaitable[object], failed: asyncio.Future[BaseException]) -> None:
@@ -203,11 +204,12 @@ class Uplink:
         )
         t0 = time.perf_counter()
         await client.publish(self.telemetry_topic, payload, qos=1)
-        # PUBACK received: the broker owns these readings now.
-        await self.buffer.ack(batch[0].row_id, batch[-1].row_id)
+        # PUBACK received: the broker owns these readings now. Counted before they leave the
+        # buffer, so that an empty backlog always means every reading has been counted.
         self.metrics.published_readings.inc(len(batch))
         self.metrics.published_batches.inc()
         self.metrics.publish_latency.observe(time.perf_counter() - t0)
+        await self.buffer.ack(batch[0].row_id, batch[-1].row_id)
 
     async def announce_offline(self) -> None:
         """Publish the retained offline status before a clean shutdown (the Will only covers crashes)."""
