@@ -13,6 +13,7 @@ from edge import __version__
 from edge.buffer import ReadingBuffer
 from edge.config import EdgeConfig
 from edge.drivers.registry import build_drivers, point_intervals
+from edge.inference import wire_inference
 from edge.metrics import EdgeMetrics
 from edge.poller import DevicePoller
 from edge.uplink import Uplink
@@ -39,9 +40,14 @@ class EdgeAgent:
         self.buffer.on_dropped = self.metrics.buffer_dropped.inc
         self.devices = {d.name: (profiles[d.name].profile.kind.value, profiles[d.name].name) for d in cfg.devices}
         self.uplink = Uplink(cfg, self.buffer, self.devices, self.metrics)
+        # Anomaly scoring: pollers hand each poll to the buffer, then to the scorer; scores and
+        # events go back into the buffer. Models load in the background and may fail without
+        # touching data collection.
+        self.engine, self.scorer, self.rollout = wire_inference(cfg, profiles, self.buffer, self.uplink, self.metrics)
         drivers = build_drivers(cfg, profiles)
+        sink = self.scorer.tap(self.buffer)
         self.pollers = [
-            DevicePoller(d.name, drivers[d.name], d.poll_interval_s, d.backoff_max_s, self.buffer, self.metrics,
+            DevicePoller(d.name, drivers[d.name], d.poll_interval_s, d.backoff_max_s, sink, self.metrics,
                          point_intervals(profiles[d.name]))
             for d in cfg.devices
         ]
@@ -75,6 +81,10 @@ class EdgeAgent:
         uplink = asyncio.create_task(self.uplink.run(), name="uplink")
         polls = [asyncio.create_task(p.run(), name=f"poll-{p.name}") for p in self.pollers]
         gauges = asyncio.create_task(self._gauges(), name="gauges")
+        # Not watched like the others: scoring and rollout catch their own failures, and the agent
+        # must collect and forward data even if they died.
+        scoring = [asyncio.create_task(self.scorer.run(), name="scorer"),
+                   asyncio.create_task(self.rollout.run(), name="rollout")]
         log.info("edge_ready", site=self.cfg.gateway.site, gateway=self.cfg.gateway.name,
                  devices=len(self.pollers), backlog=self.buffer.backlog, version=__version__)
         print(json.dumps({"event": "ready", "gateway": self.cfg.gateway.name,
@@ -85,9 +95,9 @@ class EdgeAgent:
         log.info("edge_stopping", reason="signal" if stop.done() else "task failed")
         for p in self.pollers:
             p.stop()
-        for t in (*polls, gauges):
+        for t in (*polls, gauges, *scoring):
             t.cancel()
-        _, stuck = await asyncio.wait([*polls, gauges], timeout=3)
+        _, stuck = await asyncio.wait([*polls, gauges, *scoring], timeout=3)
         for t in stuck:  # a cancel swallowed by a library: ask again, then go on regardless
             t.cancel()
         if stuck:
@@ -104,6 +114,7 @@ class EdgeAgent:
         await asyncio.gather(uplink, return_exceptions=True)
         crashed.cancel()
         stop.cancel()
+        self.engine.close()
         await self.buffer.close()
         for t in (writer, uplink, *polls):
             if t.done() and not t.cancelled() and t.exception():

@@ -8,6 +8,7 @@ import sys
 
 from edge.agent import AgentStartError, run_agent
 from edge.config import load_config
+from edge.inference import check_local_models
 from protocol.logs import configure_logging
 from protocol.tomlconfig import ConfigError
 
@@ -31,7 +32,12 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     if args.command == "check-config":
         print(f"{args.config}: OK — gateway {cfg.gateway.site}/{cfg.gateway.name}, "
-              f"{len(cfg.devices)} device(s), buffer {cfg.buffer.path}")
+              f"{len(cfg.devices)} device(s), buffer {cfg.buffer.path}, {len(cfg.models)} local model(s)")
+        # A model the agent cannot use is not fatal (it runs without scoring that profile), so
+        # these are warnings and the exit code stays 0.
+        for problem in check_local_models(cfg, profiles):
+            print(f"twin-edge: warning: {problem} (the agent would run without scoring this profile)",
+                  file=sys.stderr)
         return 0
     configure_logging(cfg.log_level)
     try:

@@ -72,6 +72,34 @@ class MetricsSection(_Section):
     """0 disables the exporter."""
 
 
+class InferenceSection(_Section):
+    """Anomaly scoring on the gateway (``edge/inference``) and the models the hub rolls out."""
+
+    intra_op_threads: Annotated[int, Field(ge=1, le=64)] = 1
+    """onnxruntime threads per scoring call. Scoring runs on one worker thread of its own; 1 keeps
+    a Pi's other cores free for polling and the uplink."""
+    model_dir: Path | None = None
+    """Where models downloaded from the hub and ``active.json`` are kept (default: ``models``
+    beside the buffer file). Relative to the config file."""
+    hub_url: Annotated[str, Field(pattern=r"^https?://[^\s/]+(/\S*)?$")] | None = None
+    """The hub's public URL (its ``[http] public_url``), put before assignment URLs that are only a
+    path (``/api/v1/models/...``). The hub normally sends absolute URLs."""
+    download_timeout_s: Annotated[float, Field(gt=0, le=3600)] = 60.0
+    """Longest a model download may take in total."""
+    gap_factor: Annotated[float, Field(ge=1.5, le=100)] = 3.0
+    """A gap of more than this many sample periods between two samples of a device restarts its window."""
+
+
+class ModelConfig(_Section):
+    """A model on the gateway's own disk, scoring the devices of one profile until the hub assigns another."""
+
+    profile: Name
+    """Device profile the model scores; must be the profile of at least one device, and match the model's card."""
+    path: Path
+    """The ONNX file, relative to the config file. A missing or unusable file is logged and
+    counted at start; the agent then collects and forwards data without scoring that profile."""
+
+
 class SerialPortConfig(_Section):
     """A serial line (RS-485 bus for Modbus RTU, or an optical head for IEC 62056-21)."""
 
@@ -167,6 +195,8 @@ class EdgeConfig(_Section):
     mqtt: MqttSection = MqttSection()
     buffer: BufferSection = BufferSection()
     metrics: MetricsSection = MetricsSection()
+    inference: InferenceSection = InferenceSection()
+    models: list[ModelConfig] = []
     log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = "INFO"
     serial_ports: list[SerialPortConfig] = []
     devices: list[DeviceConfig] = []
@@ -197,7 +227,16 @@ class EdgeConfig(_Section):
             clash = sorted({u for u in units if units.count(u) > 1})
             if clash:
                 raise ValueError(f"serial port {port!r}: unit ids used twice on one bus: {clash}")
+        model_profiles = [m.profile for m in self.models]
+        dupes = sorted({p for p in model_profiles if model_profiles.count(p) > 1})
+        if dupes:
+            raise ValueError(f"one [[models]] entry per profile; repeated: {dupes}")
         return self
+
+    @property
+    def model_dir(self) -> Path:
+        """Directory of downloaded models and ``active.json``."""
+        return self.inference.model_dir or self.buffer.path.parent / "models"
 
     def serial_port(self, name: str) -> SerialPortConfig:
         """The ``[[serial_ports]]`` entry called ``name``."""
@@ -235,10 +274,20 @@ def load_config(path: str | Path) -> tuple[EdgeConfig, dict[str, DeviceProfile]]
             problems.append(problem_at(path, ("devices", i, "points"),
                                        f"not in profile {prof.name!r}: {unknown}"))
         profiles[dev.name] = prof
+    used = {p.name for p in profiles.values()}
+    for i, m in enumerate(cfg.models):
+        if m.profile not in used:
+            problems.append(problem_at(path, ("models", i, "profile"),
+                                       f"no device uses profile {m.profile!r} (devices use: {sorted(used)})"))
     if problems:
         raise ConfigError(str(path), problems)
-    if cfg.buffer.path.is_absolute():
-        return cfg, profiles
-    # A relative buffer path is relative to the config file, not to wherever the agent was started.
-    buf = cfg.buffer.model_copy(update={"path": path.parent / cfg.buffer.path})
-    return cfg.model_copy(update={"buffer": buf}), profiles
+    # Relative paths are relative to the config file, not to wherever the agent was started.
+    update: dict[str, object] = {}
+    if not cfg.buffer.path.is_absolute():
+        update["buffer"] = cfg.buffer.model_copy(update={"path": path.parent / cfg.buffer.path})
+    if cfg.inference.model_dir is not None and not cfg.inference.model_dir.is_absolute():
+        update["inference"] = cfg.inference.model_copy(update={"model_dir": path.parent / cfg.inference.model_dir})
+    if any(not m.path.is_absolute() for m in cfg.models):
+        update["models"] = [m if m.path.is_absolute() else m.model_copy(update={"path": path.parent / m.path})
+                            for m in cfg.models]
+    return (cfg.model_copy(update=update) if update else cfg), profiles

@@ -35,6 +35,25 @@ class EdgeMetrics:
         self.mqtt_connected = Gauge("twin_edge_mqtt_connected", "1 while connected to the broker", registry=r)
         self.mqtt_reconnects = Counter("twin_edge_mqtt_disconnects", "Lost or failed broker connections",
                                        registry=r)
+        # Anomaly scoring (edge/inference).
+        self.windows_scored = Counter("twin_edge_inference_windows_scored", "Windows scored by an anomaly model",
+                                      ["device"], registry=r)
+        self.scoring_latency = Histogram("twin_edge_inference_latency_seconds", "One batched scoring call, "
+                                         "queued on the worker thread until scores are back", ["profile"], registry=r,
+                                         buckets=(0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05,
+                                                  0.1, 0.25, 1))
+        self.scoring_failures = Counter("twin_edge_inference_failures", "Scoring calls that raised or returned "
+                                        "non-finite scores", ["profile"], registry=r)
+        self.window_resets = Counter("twin_edge_inference_window_resets", "Windows restarted after a gap in the "
+                                     "samples", ["device"], registry=r)
+        self.anomaly_active = Gauge("twin_edge_anomaly_active", "1 while the device's anomaly is active",
+                                    ["device"], registry=r)
+        self.model_load_failures = Counter("twin_edge_model_load_failures", "Models refused at start or at "
+                                           "rollout, by reason", ["profile", "kind"], registry=r)
+        self.model_activations = Counter("twin_edge_model_activations", "Models switched to", ["profile"],
+                                         registry=r)
+        self.model_rollbacks = Counter("twin_edge_model_rollbacks", "Active models rolled back after failing live",
+                                       ["profile"], registry=r)
 
     def serve(self, host: str, port: int) -> None:
         """Start the exporter thread (prometheus_client's own HTTP server)."""

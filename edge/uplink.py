@@ -12,7 +12,7 @@ import asyncio
 import contextlib
 import random
 import time
-from collections.abc import Awaitable
+from collections.abc import Awaitable, Callable
 
 import aiomqtt
 
@@ -24,6 +24,7 @@ from edge.reading import StoredReading
 from protocol import topics
 from protocol.logs import get_logger
 from protocol.schema import (
+    ActiveModelV1,
     DeviceInfoV1,
     DeviceKind,
     EventType,
@@ -56,14 +57,24 @@ class Uplink:
         self.telemetry_topic = topics.telemetry_topic(self.site, self.gateway)
         self.status_topic = topics.status_topic(self.site, self.gateway)
         self.events_topic = topics.events_topic(self.site, self.gateway)
+        self.models_topic = topics.models_topic(self.site, self.gateway)
         self.connected = asyncio.Event()
         self._client: aiomqtt.Client | None = None
+        self.model_status: Callable[[], dict[str, ActiveModelV1]] | None = None
+        """Reports the anomaly model per profile for the status message (set by the agent)."""
+        self.on_assignment: Callable[[bytes], None] | None = None
+        """Takes each message of the models topic; when set, the session subscribes to it."""
+        self._status_dirty = asyncio.Event()
+
+    def status_changed(self) -> None:
+        """Publish the retained status again (the models changed)."""
+        self._status_dirty.set()
 
     def _status(self, state: GatewayState) -> bytes:
         return encode(StatusV1(
             site=self.site, gateway=self.gateway, state=state, ts=now_ms(), agent_version=__version__,
             devices={n: DeviceInfoV1(kind=DeviceKind(k), profile=p) for n, (k, p) in self.devices.items()},
-            backlog=self.buffer.backlog))
+            backlog=self.buffer.backlog, models=self.model_status() if self.model_status else {}))
 
     def _client_for_session(self) -> aiomqtt.Client:
         m = self.cfg.mqtt
@@ -85,13 +96,17 @@ class Uplink:
                     # aiomqtt warns above 10 pending publishes; max_inflight may be more by design.
                     client.pending_calls_threshold = self.cfg.mqtt.max_inflight + 2
                     self._client = client
+                    self._status_dirty.clear()
                     await client.publish(self.status_topic, self._status(GatewayState.ONLINE), qos=1, retain=True)
+                    if self.on_assignment is not None:
+                        # Retained: the current assignment arrives on every (re)connect.
+                        await client.subscribe(self.models_topic, qos=1)
                     self.connected.set()
                     self.metrics.mqtt_connected.set(1)
                     log.info("mqtt_connected", host=self.cfg.mqtt.host, port=self.cfg.mqtt.port,
                              backlog=self.buffer.backlog)
                     delay = self.cfg.mqtt.reconnect_min_s
-                    await self._forward(client)
+                    await self._session(client)
             except aiomqtt.MqttError as exc:
                 self.metrics.mqtt_reconnects.inc()
                 log.warning("mqtt_disconnected", error=str(exc), retry_in_s=round(delay, 2),
@@ -102,6 +117,41 @@ class Uplink:
                 self.metrics.mqtt_connected.set(0)
             await asyncio.sleep(delay * random.uniform(0.8, 1.2))
             delay = min(delay * 2, self.cfg.mqtt.reconnect_max_s)
+
+    async def _session(self, client: aiomqtt.Client) -> None:
+        """Forward the buffer, take model assignments and re-publish the status on change, until
+        one of them fails (the connection is gone); then stop the others and raise."""
+        tasks = [asyncio.create_task(self._forward(client), name="uplink-forward"),
+                 asyncio.create_task(self._status_updates(client), name="uplink-status")]
+        if self.on_assignment is not None:
+            tasks.append(asyncio.create_task(self._receive(client), name="uplink-receive"))
+        try:
+            done, _ = await asyncio.wait(tasks, return_when=asyncio.FIRST_COMPLETED)
+            for t in done:
+                t.result()
+            raise aiomqtt.MqttError("the session's message stream ended")
+        finally:
+            for t in tasks:
+                t.cancel()
+            await asyncio.gather(*tasks, return_exceptions=True)
+
+    async def _status_updates(self, client: aiomqtt.Client) -> None:
+        while True:
+            await self._status_dirty.wait()
+            self._status_dirty.clear()
+            await client.publish(self.status_topic, self._status(GatewayState.ONLINE), qos=1, retain=True)
+            models = self.model_status() if self.model_status else {}
+            log.info("status_published", models={p: f"{m.name} v{m.version} {m.state}" for p, m in models.items()})
+
+    async def _receive(self, client: aiomqtt.Client) -> None:
+        async for msg in client.messages:
+            if self.on_assignment is not None and msg.topic.matches(self.models_topic):
+                payload = msg.payload
+                try:
+                    self.on_assignment(bytes(payload) if isinstance(payload, bytes | bytearray)
+                                       else str(payload).encode())
+                except Exception as exc:  # a bad assignment must not cost the connection
+                    log.exception("model_assignment_not_taken", error=repr(exc))
 
     async def _forward(self, client: aiomqtt.Client) -> None:
         """Hand readings to the broker: live ones first, the backlog in between.
