@@ -4,6 +4,9 @@ A detector turns one window ``[W, F]`` of raw readings into features (per input:
 and optionally its standard deviation and least-squares slope), standardises them with statistics
 of normal data, and scores them with one of two families:
 
+(``rate``, the mean increment per sample, is for cumulative counters: for an energy register it
+is exactly the mean power over the window, where a least-squares slope is not.)
+
 ``zrms``
     root-mean-square of the standardised features (a diagonal Mahalanobis distance). Each
     feature's scale is its normal spread, but never less than a *floor*: an absolute one (e.g.
@@ -11,10 +14,13 @@ of normal data, and scores them with one of two families:
     to the level (e.g. 5 % of a vibration RMS). Without floors a feature that happened to be
     quiet during training (a few hundred samples) alarms on any later wobble.
 ``pca``
-    PCA of the standardised features, scored with Hotelling's T² in the retained components and
-    the squared prediction error Q (what the components cannot explain), each divided by its
-    99th percentile on the training data; score = max of the two ratios. Broken relations
-    between inputs (energy counter vs power, pressure vs water temperature) show up in Q.
+    PCA of the standardised features. Score = the largest of five ratios, each a statistic over
+    its 99th percentile on the training data: Hotelling's T² in the retained components; T² in
+    the discarded (minor) components; the squared prediction error Q (what the retained
+    components cannot explain); the largest single standardised residual; the largest single
+    |z|. Exact relations between inputs (an energy counter's rate and the power) live in the
+    minor components, loose ones (pressure vs water temperature) in Q, and a frozen sensor shows
+    in one feature's |z| (its log std collapses).
 
 The score is "larger is worse"; the alarm threshold is calibrated separately on normal data.
 :meth:`WindowDetector.to_onnx` builds the same computation with plain ONNX operators (opset 17),
@@ -24,7 +30,7 @@ compare it with.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Literal
 
@@ -33,7 +39,7 @@ import numpy.typing as npt
 
 from protocol.anomaly import CARD_METADATA_KEY, INPUT_NAME, OUTPUT_NAME, ModelCard
 
-Feature = Literal["mean", "std", "slope"]
+Feature = Literal["mean", "std", "logstd", "slope", "rate"]
 Family = Literal["zrms", "pca"]
 OPSET = 17
 _EPS = 1e-9
@@ -41,8 +47,16 @@ _EPS = 1e-9
 Array = npt.NDArray[np.float64]
 
 
-def window_features(windows: npt.ArrayLike, features: Sequence[Feature]) -> Array:
-    """Features of each window: ``[N, W, F]`` -> ``[N, len(features) * F]`` (grouped by feature)."""
+LOGSTD_EPS = 1e-3
+"""``logstd`` = log(std + eps): a frozen sensor's std is exactly 0, far below any live one. eps may be
+per input (its register resolution), so a reading that sits on one register value for a while (a
+frequency pinned at its limit) is not mistaken for a frozen sensor."""
+
+
+def window_features(windows: npt.ArrayLike, features: Sequence[Feature],
+                    keep: npt.ArrayLike | None = None, logstd_eps: npt.ArrayLike = LOGSTD_EPS) -> Array:
+    """Features of each window: ``[N, W, F]`` -> ``[N, len(features) * F]`` (grouped by feature),
+    then only the columns ``keep`` if given (e.g. no ``mean`` of a cumulative counter)."""
     x = np.asarray(windows, dtype=np.float64)
     if x.ndim != 3:
         raise ValueError(f"windows must be [N, W, F], got shape {x.shape}")
@@ -51,13 +65,18 @@ def window_features(windows: npt.ArrayLike, features: Sequence[Feature]) -> Arra
     for feat in features:
         if feat == "mean":
             out.append(mean)
-        elif feat == "std":
-            out.append(np.sqrt(((x - mean[:, None, :]) ** 2).mean(axis=1)))
+        elif feat in ("std", "logstd"):
+            rel = x - x[:, :1, :]
+            std = np.sqrt(((rel - rel.mean(axis=1, keepdims=True)) ** 2).mean(axis=1))
+            out.append(std if feat == "std" else np.log(std + np.asarray(logstd_eps, dtype=np.float64)))
         elif feat == "slope":
-            out.append(np.einsum("nwf,w->nf", x, _slope_weights(x.shape[1])))
+            out.append(np.einsum("nwf,w->nf", x - x[:, :1, :], _slope_weights(x.shape[1])))
+        elif feat == "rate":
+            out.append((x[:, -1, :] - x[:, 0, :]) / max(1, x.shape[1] - 1))
         else:
             raise ValueError(f"unknown feature {feat!r}")
-    return np.concatenate(out, axis=1)
+    feats = np.concatenate(out, axis=1)
+    return feats if keep is None else feats[:, np.asarray(keep, dtype=np.int64)]
 
 
 def _slope_weights(w: int) -> Array:
@@ -100,11 +119,29 @@ class WindowDetector:
     t2_weights: Array = field(default_factory=lambda: np.zeros(0))
     """PCA only: ``1 / (eigenvalue * T² limit)`` per retained component."""
     q_limit: float = 1.0
+    minor_components: Array = field(default_factory=lambda: np.zeros((0, 0)))
+    """PCA only: the discarded components ``[n_features, m]``. Exact relations between inputs (an
+    energy counter's rate and the power) live here with tiny variance: T² over them catches a fault
+    that breaks one (tamper) long before Q, which is dominated by the loose relations."""
+    minor_weights: Array = field(default_factory=lambda: np.zeros(0))
+    """PCA only: ``1 / (eigenvalue * limit)`` per minor component."""
+    resid_scale: Array = field(default_factory=lambda: np.zeros(0))
+    """PCA only: per feature, ``1 / (training residual std * limit of the largest standardised residual)``.
+    A fault that breaks one tight relation (energy counter vs power) leaves a residual too small to
+    move Q, which sums over every loose relation, but huge next to that feature's own residual
+    spread."""
+    z_limit: float = 0.0
+    """PCA only: limit of the largest |z| of one feature (a univariate check; 0 = off)."""
+    n_inputs: int = 0
+    """Number of input metrics (F); 0 means len(center) / len(features) (every feature of every input)."""
+    keep: tuple[int, ...] | None = None
+    """Feature columns used (of ``len(features) * F``, grouped by feature); None = all."""
+    logstd_eps: Array | float = LOGSTD_EPS
+    """Per input (or one for all): see :data:`LOGSTD_EPS`."""
 
-    @property
-    def n_inputs(self) -> int:
-        """Number of input metrics (F)."""
-        return len(self.center) // len(self.features)
+    def __post_init__(self) -> None:
+        if not self.n_inputs:
+            self.n_inputs = len(self.center) // len(self.features)
 
     def score_features(self, feats: Array) -> Array:
         """Score feature rows ``[N, n_features]``."""
@@ -117,11 +154,22 @@ class WindowDetector:
         resid = z - proj @ self.components.T
         q = (resid * resid).sum(axis=1) / self.q_limit
         out = np.maximum(t2, q)
+        if self.minor_components.size:
+            minor = z @ self.minor_components
+            out = np.maximum(out, (minor * minor) @ self.minor_weights)
+        if len(self.resid_scale):
+            out = np.maximum(out, np.abs(resid * self.resid_scale).max(axis=1))
+        if self.z_limit:
+            out = np.maximum(out, np.abs(z).max(axis=1) / self.z_limit)
         return out
 
     def score(self, windows: npt.ArrayLike) -> Array:
         """Score windows ``[N, W, F]`` (the numpy reference of the ONNX graph)."""
-        return self.score_features(window_features(windows, self.features))
+        return self.score_features(self.features_of(windows))
+
+    def features_of(self, windows: npt.ArrayLike) -> Array:
+        """The feature rows this detector scores, for windows ``[N, W, F]``."""
+        return window_features(windows, self.features, self.keep, self.logstd_eps)
 
     def to_onnx(self, card: ModelCard) -> bytes:
         """The detector as an ONNX model with ``card`` embedded in its metadata."""
@@ -158,6 +206,8 @@ def fit_pca(
     variance: float = 0.99,
     limit_quantile: float = 0.99,
     floor: npt.ArrayLike | None = None,
+    keep: Sequence[int] | None = None,
+    logstd_eps: npt.ArrayLike = LOGSTD_EPS,
 ) -> WindowDetector:
     """Fit a ``pca`` (T² + Q) detector on windows of normal data ``[N, W, F]``.
 
@@ -165,7 +215,8 @@ def fit_pca(
     features that are nearly constant in normal data (a stuck sensor's std is 0, but so is a
     perfectly quantised quiet one).
     """
-    feats = window_features(train_windows, features)
+    eps = np.broadcast_to(np.asarray(logstd_eps, dtype=np.float64), (np.shape(train_windows)[2],)).copy()
+    feats = window_features(train_windows, features, keep, eps)
     center = feats.mean(axis=0)
     scale = feats.std(axis=0)
     if floor is not None:
@@ -184,9 +235,21 @@ def fit_pca(
     resid = z - proj @ comps.T
     q = (resid * resid).sum(axis=1)
     q_limit = float(np.quantile(q, limit_quantile)) or 1.0
+    # Eigenvalues floored so that a direction with no variance at all does not divide by zero.
+    minor = vt[k:].T
+    lam_minor = np.maximum(eig[k:], 1e-6 * float(eig.sum()))
+    t2_minor = ((z @ minor) ** 2 / lam_minor).sum(axis=1)
+    minor_limit = float(np.quantile(t2_minor, limit_quantile)) or 1.0
+    r_std = resid.std(axis=0) + 1e-6
+    r_limit = float(np.quantile(np.abs(resid / r_std).max(axis=1), limit_quantile)) or 1.0
+    z_limit = float(np.quantile(np.abs(z).max(axis=1), limit_quantile)) or 1.0
     return WindowDetector(
         window=window, features=tuple(features), family="pca", center=center, scale=scale,
         components=comps, t2_weights=1.0 / (eig[:k] * t2_limit), q_limit=q_limit,
+        minor_components=minor, minor_weights=1.0 / (lam_minor * minor_limit),
+        resid_scale=1.0 / (r_std * r_limit), z_limit=z_limit,
+        n_inputs=np.shape(train_windows)[2], keep=None if keep is None else tuple(int(i) for i in keep),
+        logstd_eps=eps,
     )
 
 
@@ -212,29 +275,65 @@ def _build_onnx(det: WindowDetector, card: ModelCard) -> bytes:
     axis1 = const("axis1", [1], np.int64) if det.family == "pca" else ""
     nodes.append(helper.make_node("ReduceMean", [INPUT_NAME], ["mean"], axes=[1], keepdims=0))
     parts: list[str] = []
+    made: set[str] = set()
+
+    def rel_x(nodes: list[onnx.NodeProto], const: Callable[..., str]) -> None:
+        if "rel" in made:
+            return
+        nodes.append(helper.make_node("Slice", [INPUT_NAME, const("s0", [0], np.int64), const("s1", [1], np.int64),
+                                                const("s_axis", [1], np.int64)], ["first"]))
+        nodes.append(helper.make_node("Sub", [INPUT_NAME, "first"], ["rel"]))
+        made.add("rel")
+
     for feat in det.features:
         if feat == "mean":
             parts.append("mean")
-        elif feat == "std":
-            nodes.append(helper.make_node("ReduceMean", [INPUT_NAME], ["mean_k"], axes=[1], keepdims=1))
-            nodes.append(helper.make_node("Sub", [INPUT_NAME, "mean_k"], ["dev"]))
-            nodes.append(helper.make_node("Mul", ["dev", "dev"], ["dev2"]))
-            nodes.append(helper.make_node("ReduceMean", ["dev2"], ["var"], axes=[1], keepdims=0))
-            nodes.append(helper.make_node("Sqrt", ["var"], ["std"]))
-            parts.append("std")
+        elif feat in ("std", "logstd"):
+            if "std" not in made:
+                # Spread of x - x[first], whose values are small and exact in float32 (a counter near
+                # 10,000 kWh has no digits left for its spread otherwise).
+                rel_x(nodes, const)
+                nodes.append(helper.make_node("ReduceMean", ["rel"], ["mean_k"], axes=[1], keepdims=1))
+                nodes.append(helper.make_node("Sub", ["rel", "mean_k"], ["dev"]))
+                nodes.append(helper.make_node("Mul", ["dev", "dev"], ["dev2"]))
+                nodes.append(helper.make_node("ReduceMean", ["dev2"], ["var"], axes=[1], keepdims=0))
+                nodes.append(helper.make_node("Sqrt", ["var"], ["std"]))
+                made.add("std")
+            if feat == "logstd":
+                eps = np.broadcast_to(np.asarray(det.logstd_eps, dtype=np.float64), (det.n_inputs,))
+                nodes.append(helper.make_node("Add", ["std", const("logstd_eps", eps)], ["std_eps"]))
+                nodes.append(helper.make_node("Log", ["std_eps"], ["logstd"]))
+            parts.append(feat)
         elif feat == "slope":
-            # [N, W, F] -> [N, F, W] @ [W, 1] -> [N, F, 1] -> [N, F]
-            nodes.append(helper.make_node("Transpose", [INPUT_NAME], ["xt"], perm=[0, 2, 1]))
+            # Slope of x - x[first]: differences of nearby float32 values are exact, so a large
+            # counter (energy in kWh) keeps its increments. [N, W, F] -> [N, F, W] @ [W, 1] -> [N, F].
+            rel_x(nodes, const)
+            nodes.append(helper.make_node("Transpose", ["rel"], ["xt"], perm=[0, 2, 1]))
             wts = const("slope_w", _slope_weights(det.window).reshape(-1, 1))
             nodes.append(helper.make_node("MatMul", ["xt", wts], ["slope3"]))
             ax2 = const("axis2", [2], np.int64)
             nodes.append(helper.make_node("Squeeze", ["slope3", ax2], ["slope"]))
             parts.append("slope")
+        elif feat == "rate":
+            # Mean increment per sample: for a counter, exactly the mean rate over the window.
+            w = det.window
+            nodes.append(helper.make_node("Slice", [INPUT_NAME, const("r0", [0], np.int64), const("r1", [1], np.int64),
+                                                    const("r_axis", [1], np.int64)], ["r_first"]))
+            nodes.append(helper.make_node("Slice", [INPUT_NAME, const("rl0", [w - 1], np.int64),
+                                                    const("rl1", [w], np.int64), const("rl_axis", [1], np.int64)],
+                                          ["r_last"]))
+            nodes.append(helper.make_node("Sub", ["r_last", "r_first"], ["r_diff3"]))
+            nodes.append(helper.make_node("Squeeze", ["r_diff3", const("r_sq", [1], np.int64)], ["r_diff"]))
+            nodes.append(helper.make_node("Div", ["r_diff", const("r_den", float(max(1, w - 1)))], ["rate"]))
+            parts.append("rate")
     if len(parts) > 1:
         nodes.append(helper.make_node("Concat", parts, ["feats"], axis=1))
         feats = "feats"
     else:
         feats = parts[0]
+    if det.keep is not None:
+        nodes.append(helper.make_node("Gather", [feats, const("keep", list(det.keep), np.int64)], ["kept"], axis=1))
+        feats = "kept"
     nodes.append(helper.make_node("Sub", [feats, const("center", det.center)], ["centred"]))
     nodes.append(helper.make_node("Div", ["centred", const("scale", det.scale)], ["z"]))
     if det.family == "zrms":
@@ -252,7 +351,25 @@ def _build_onnx(det: WindowDetector, card: ModelCard) -> bytes:
         nodes.append(helper.make_node("Mul", ["resid", "resid"], ["resid2"]))
         nodes.append(helper.make_node("ReduceSum", ["resid2", axis1], ["qsum"], keepdims=0))
         nodes.append(helper.make_node("Div", ["qsum", const("q_limit", det.q_limit)], ["q"]))
-        nodes.append(helper.make_node("Max", ["t2", "q"], [OUTPUT_NAME]))
+        terms = ["t2", "q"]
+        if det.minor_components.size:
+            nodes.append(helper.make_node("MatMul", ["z", const("minor", det.minor_components)], ["mproj"]))
+            nodes.append(helper.make_node("Mul", ["mproj", "mproj"], ["mproj2"]))
+            mw = const("minor_w", det.minor_weights.reshape(-1, 1))
+            nodes.append(helper.make_node("MatMul", ["mproj2", mw], ["t2m_2d"]))
+            nodes.append(helper.make_node("Squeeze", ["t2m_2d", axis1], ["t2_minor"]))
+            terms.append("t2_minor")
+        if len(det.resid_scale):
+            nodes.append(helper.make_node("Mul", ["resid", const("resid_scale", det.resid_scale)], ["rs"]))
+            nodes.append(helper.make_node("Abs", ["rs"], ["rabs"]))
+            nodes.append(helper.make_node("ReduceMax", ["rabs"], ["rmax"], axes=[1], keepdims=0))
+            terms.append("rmax")
+        if det.z_limit:
+            nodes.append(helper.make_node("Abs", ["z"], ["zabs"]))
+            nodes.append(helper.make_node("ReduceMax", ["zabs"], ["zmax_raw"], axes=[1], keepdims=0))
+            nodes.append(helper.make_node("Div", ["zmax_raw", const("z_limit", det.z_limit)], ["zmax"]))
+            terms.append("zmax")
+        nodes.append(helper.make_node("Max", terms, [OUTPUT_NAME]))
 
     graph = helper.make_graph(
         nodes, f"{card.name}-v{card.version}",

@@ -11,7 +11,7 @@ measure, and the family that measures best is kept.
 from __future__ import annotations
 
 import json
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -77,7 +77,7 @@ def _pca(window: int) -> Callable[[Array], Scorer]:
 
 
 def _iforest(window: int, seed: int) -> Callable[[Array], Scorer]:
-    from sklearn.ensemble import IsolationForest
+    from sklearn.ensemble import IsolationForest  # type: ignore[import-untyped]
 
     def fit(train: Array) -> Scorer:
         feats = causal_window_means(train, window)
@@ -156,7 +156,8 @@ def train_skab(experiments: Sequence[Experiment], *, quantile: float = DEFAULT_Q
     return recipe, rows
 
 
-def write_outputs(recipe: SkabRecipe, rows: list[dict[str, object]], final: dict[str, object], out_dir: Path) -> Path:
+def write_outputs(recipe: SkabRecipe, rows: list[dict[str, object]], final: Mapping[str, object],
+                  out_dir: Path) -> Path:
     """Write the recipe JSON and its model card (Markdown) into ``out_dir``."""
     out_dir.mkdir(parents=True, exist_ok=True)
     path = out_dir / "skab-pump.recipe.json"
