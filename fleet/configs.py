@@ -5,6 +5,14 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
+SHIPPED_MODELS = Path(__file__).resolve().parents[1] / "models" / "shipped"
+"""Where the project's trained anomaly models live (``python -m models.train sim`` writes them)."""
+
+
+def shipped_models() -> dict[str, Path]:
+    """Profile -> shipped anomaly model file, for the simulator profiles."""
+    return {p: SHIPPED_MODELS / f"{p}-anomaly.onnx" for p in ("sim-boiler", "sim-meter")}
+
 
 def _toml_value(v: Any) -> str:
     if isinstance(v, bool):
@@ -24,13 +32,21 @@ def _table(name: str, values: dict[str, Any]) -> str:
 def write_edge_config(path: Path, *, site: str, gateway: str, mqtt_port: int, devices: list[dict[str, Any]],
                       poll_interval_s: float = 1.0, buffer_path: Path | None = None, metrics_port: int = 0,
                       mqtt: dict[str, Any] | None = None, buffer: dict[str, Any] | None = None,
-                      log_level: str = "INFO") -> Path:
-    """An ``edge.toml`` for ``devices`` as listed in ``twin-sim``'s ready line."""
+                      log_level: str = "INFO", models: dict[str, Path] | None = None,
+                      inference: dict[str, Any] | None = None) -> Path:
+    """An ``edge.toml`` for ``devices`` as listed in ``twin-sim``'s ready line.
+
+    ``models`` maps a device profile to a local anomaly model file (``[[models]]``).
+    """
     text = f'log_level = "{log_level}"\n\n'
     text += _table("gateway", {"site": site, "name": gateway})
     text += _table("mqtt", {"host": "127.0.0.1", "port": mqtt_port, **(mqtt or {})})
     text += _table("buffer", {"path": str(buffer_path or path.parent / "edge-buffer.db"), **(buffer or {})})
     text += _table("metrics", {"host": "127.0.0.1", "port": metrics_port})
+    if inference:
+        text += _table("inference", inference)
+    for profile, model_path in (models or {}).items():
+        text += "[[models]]\n" + f"profile = {_toml_value(profile)}\npath = {_toml_value(str(model_path))}\n\n"
     for d in devices:
         text += "[[devices]]\n" + "".join(f"{k} = {_toml_value(v)}\n" for k, v in {
             "name": d["name"], "profile": d["profile"], "transport": "tcp", "host": d["host"],

@@ -1,7 +1,10 @@
 """``make demo``: a whole local fleet on one machine.
 
 2 simulated boilers + 2 meters (Modbus TCP) → one edge agent → a private Mosquitto → the hub
-(SQLite) with its REST API. Ctrl-C, or SIGTERM to the process group, stops everything within
+(SQLite) with its REST API. The shipped anomaly models (``models/shipped``) are uploaded to the
+hub's registry and assigned fleet-wide, as staff would do it, so the gateway downloads them and
+scores live. ``--fault boiler-2:leak=0.5`` injects a process fault into a simulator.
+Ctrl-C, or SIGTERM to the process group, stops everything within
 10 s. Ports: ``HUB_PORT`` (default 8000), ``MQTT_PORT`` (1883), ``SIM_BASE_PORT`` (5020),
 ``EDGE_METRICS_PORT`` (9108).
 """
@@ -9,15 +12,19 @@
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import signal
 import sys
 import threading
 import time
+import urllib.error
+import urllib.request
 from pathlib import Path
+from typing import Any
 
 from fleet.broker import BrokerUnavailable, Mosquitto
-from fleet.configs import write_edge_config, write_hub_config
+from fleet.configs import shipped_models, write_edge_config, write_hub_config
 from fleet.net import port_open
 from fleet.procs import ProcessFailed, ReadyProcess
 
@@ -39,6 +46,9 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--meters", type=int, default=2)
     ap.add_argument("--seed", type=int, default=1)
     ap.add_argument("--poll-interval", type=float, default=1.0, help="seconds between polls of each device")
+    ap.add_argument("--fault", action="append", default=[], metavar="DEVICE:KEY=VALUE",
+                    help="process fault for a simulator, e.g. boiler-2:leak=0.5 (see docs/simulators.md)")
+    ap.add_argument("--no-models", action="store_true", help="do not roll out the shipped anomaly models")
     args = ap.parse_args(argv)
 
     hub_port, mqtt_port, sim_port = _port("HUB_PORT", 8000), _port("MQTT_PORT", 1883), _port("SIM_BASE_PORT", 5020)
@@ -66,7 +76,8 @@ def main(argv: list[str] | None = None) -> int:
         print(f"broker     mqtt://127.0.0.1:{mqtt_port}  (mosquitto, log {broker.log_path})", flush=True)
         sim = ReadyProcess.python("twin-sim", "firmware_sim.cli", "--boilers", str(args.boilers),
                                   "--meters", str(args.meters), "--base-port", str(sim_port),
-                                  "--seed", str(args.seed), log_path=logs / "sim.log")
+                                  "--seed", str(args.seed), *(a for f in args.fault for a in ("--fault", f)),
+                                  log_path=logs / "sim.log")
         children.append(sim.start())
         devices = sim.ready["devices"]
         print(f"simulators {len(devices)} devices on 127.0.0.1:{sim_port}-{sim_port + len(devices) - 1}", flush=True)
@@ -75,6 +86,10 @@ def main(argv: list[str] | None = None) -> int:
                                    mqtt_port=mqtt_port, http_port=hub_port)
         hub = ReadyProcess.python("twin-hub", "hub.cli", "run", "--config", str(hub_cfg), log_path=logs / "hub.log")
         children.append(hub.start(timeout=60))
+        api = f"http://127.0.0.1:{hub_port}"
+        if not args.no_models:
+            for line in roll_out_shipped_models(api):
+                print(line, flush=True)
 
         metrics_port = _port("EDGE_METRICS_PORT", 9108)
         if port_open("127.0.0.1", metrics_port):
@@ -88,7 +103,6 @@ def main(argv: list[str] | None = None) -> int:
                                    log_path=logs / "edge.log")
         children.append(edge.start())
         print(f"edge agent site-1/gw-1 polling {len(devices)} devices every {args.poll_interval:g}s", flush=True)
-        api = f"http://127.0.0.1:{hub_port}"
         edge_metrics = f"http://127.0.0.1:{metrics_port}/metrics" if metrics_port else "off"
         print(f"\nHub API:   {api}/api/v1/devices\nAPI docs:  {api}/docs\n"
               f"Metrics:   {api}/metrics (hub), {edge_metrics} (edge)\n"
@@ -104,6 +118,35 @@ def main(argv: list[str] | None = None) -> int:
         return 1
     finally:
         _shutdown(children, broker)
+
+
+def roll_out_shipped_models(api: str) -> list[str]:
+    """Upload the shipped models to the hub and assign them fleet-wide; one line per model for the user.
+
+    A model that cannot be rolled out is reported and skipped: the demo runs on without it.
+    """
+    lines = []
+    for profile, path in shipped_models().items():
+        try:
+            model = _http_json("POST", f"{api}/api/v1/models", path.read_bytes(), "application/octet-stream")
+            _http_json("PUT", f"{api}/api/v1/model-assignments",
+                       json.dumps({"profile": profile, "name": model["name"], "version": model["version"]}).encode(),
+                       "application/json")
+            lines.append(f"model      {model['name']} v{model['version']} assigned to every gateway's "
+                         f"{profile} devices")
+        except (OSError, ValueError, KeyError) as exc:
+            lines.append(f"model      {path.name}: not rolled out ({exc}); the fleet runs without it")
+    return lines
+
+
+def _http_json(method: str, url: str, body: bytes, content_type: str) -> dict[str, Any]:
+    req = urllib.request.Request(url, data=body, method=method, headers={"Content-Type": content_type})
+    try:
+        with urllib.request.urlopen(req, timeout=30) as resp:
+            doc: dict[str, Any] = json.loads(resp.read())
+            return doc
+    except urllib.error.HTTPError as exc:
+        raise ValueError(f"{method} {url}: HTTP {exc.code} {exc.read()[:300]!r}") from None
 
 
 def _shutdown(children: list[ReadyProcess], broker: Mosquitto) -> None:

@@ -209,14 +209,34 @@ def fit_pca(
     keep: Sequence[int] | None = None,
     logstd_eps: npt.ArrayLike = LOGSTD_EPS,
 ) -> WindowDetector:
-    """Fit a ``pca`` (T² + Q) detector on windows of normal data ``[N, W, F]``.
+    """Fit a ``pca`` detector on windows of normal data ``[N, W, F]``.
 
     ``floor`` (per feature column, optional) is the smallest scale a feature may get, for
     features that are nearly constant in normal data (a stuck sensor's std is 0, but so is a
     perfectly quantised quiet one).
     """
-    eps = np.broadcast_to(np.asarray(logstd_eps, dtype=np.float64), (np.shape(train_windows)[2],)).copy()
-    feats = window_features(train_windows, features, keep, eps)
+    n_inputs = np.shape(train_windows)[2]
+    eps = np.broadcast_to(np.asarray(logstd_eps, dtype=np.float64), (n_inputs,)).copy()
+    return fit_pca_features(window_features(train_windows, features, keep, eps), window, features, n_inputs,
+                            variance=variance, limit_quantile=limit_quantile, floor=floor, keep=keep, logstd_eps=eps)
+
+
+def fit_pca_features(
+    feats: Array,
+    window: int,
+    features: Sequence[Feature],
+    n_inputs: int,
+    *,
+    variance: float = 0.99,
+    limit_quantile: float = 0.99,
+    floor: npt.ArrayLike | None = None,
+    keep: Sequence[int] | None = None,
+    logstd_eps: npt.ArrayLike = LOGSTD_EPS,
+) -> WindowDetector:
+    """:func:`fit_pca` on feature rows already computed (``window_features`` with the same
+    ``features``, ``keep`` and ``logstd_eps``): lets training stream many units through without
+    holding their windows."""
+    eps = np.broadcast_to(np.asarray(logstd_eps, dtype=np.float64), (n_inputs,)).copy()
     center = feats.mean(axis=0)
     scale = feats.std(axis=0)
     if floor is not None:
@@ -248,8 +268,7 @@ def fit_pca(
         components=comps, t2_weights=1.0 / (eig[:k] * t2_limit), q_limit=q_limit,
         minor_components=minor, minor_weights=1.0 / (lam_minor * minor_limit),
         resid_scale=1.0 / (r_std * r_limit), z_limit=z_limit,
-        n_inputs=np.shape(train_windows)[2], keep=None if keep is None else tuple(int(i) for i in keep),
-        logstd_eps=eps,
+        n_inputs=n_inputs, keep=None if keep is None else tuple(int(i) for i in keep), logstd_eps=eps,
     )
 
 

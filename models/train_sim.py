@@ -21,7 +21,7 @@ import numpy as np
 import numpy.typing as npt
 from tqdm import tqdm
 
-from models.detector import Feature, WindowDetector, fit_pca
+from models.detector import Feature, WindowDetector, fit_pca_features, window_features
 from models.evaluate_sim import Plan, evaluate_model, format_table
 from models.simdata import (
     MODEL_INPUTS,
@@ -49,7 +49,8 @@ class KindSetup:
     """Samples (seconds at 1 Hz) per window: long enough to span a burner cycle / enough counter steps."""
     counters: tuple[str, ...] = ()
     """Cumulative inputs: their level says nothing (only their slope and spread are used)."""
-    train_units: int = 16
+    train_units: int = 48
+    """Enough units to cover the regimes: warm days with the pump off, cold ones at full load."""
     train_hours: float = 24.0
     calib_units: int = 8
     stride: int = 30
@@ -92,9 +93,11 @@ def _unit_values(kind: Kind, seeds: range, hours: float, desc: str, workers: int
         yield series.columns(MODEL_INPUTS[kind])
 
 
-def _train_windows(kind: Kind, seeds: range, hours: float, window: int, stride: int, workers: int) -> Float32Array:
-    parts = [np.ascontiguousarray(sliding_windows(v, window)[::stride])
-             for v in _unit_values(kind, seeds, hours, f"{kind}: training units", workers)]
+def _train_features(kind: Kind, setup: KindSetup, seeds: range, workers: int) -> npt.NDArray[np.float64]:
+    # Features per unit as it is generated: holding every unit's windows would take gigabytes.
+    keep, eps = _keep(kind, setup), resolutions(kind)
+    parts = [window_features(sliding_windows(v, setup.window)[::setup.stride].astype(np.float64), FEATURES, keep, eps)
+             for v in _unit_values(kind, seeds, setup.train_hours, f"{kind}: training units", workers)]
     return np.concatenate(parts)
 
 
@@ -134,12 +137,12 @@ def train_kind(kind: Kind, *, seed: int = 0, quick: bool = False, workers: int =
     """Train, calibrate, export and measure one kind's model: (ONNX bytes, card, evaluation)."""
     setup = SETUPS[kind]
     if quick:
-        setup = KindSetup(window=setup.window, counters=setup.counters, train_units=3, train_hours=6.0,
+        setup = KindSetup(window=setup.window, counters=setup.counters, train_units=4, train_hours=12.0,
                           calib_units=2, stride=setup.stride)
-    train = _train_windows(kind, range(TRAIN_SEED_BASE + seed, TRAIN_SEED_BASE + seed + setup.train_units),
-                           setup.train_hours, setup.window, setup.stride, workers)
-    det = fit_pca(train.astype(np.float64), setup.window, FEATURES, keep=_keep(kind, setup),
-                  logstd_eps=resolutions(kind))
+    train = _train_features(kind, setup, range(TRAIN_SEED_BASE + seed, TRAIN_SEED_BASE + seed + setup.train_units),
+                            workers)
+    det = fit_pca_features(train, setup.window, FEATURES, len(MODEL_INPUTS[kind]), keep=_keep(kind, setup),
+                           logstd_eps=resolutions(kind))
     calib_seeds = range(CALIB_SEED_BASE + seed, CALIB_SEED_BASE + seed + setup.calib_units)
     calib_scores = _calibration_scores(det, kind, calib_seeds, setup.train_hours, workers)
     threshold = setup.threshold_margin * float(np.quantile(calib_scores, setup.threshold_quantile))
