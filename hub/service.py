@@ -21,6 +21,7 @@ from hub.db import Database, redact_url
 from hub.ingest import Ingest, now_ms
 from hub.metrics import HubMetrics, IngestStats
 from hub.rollout import Rollout
+from hub.signals import SignalBus
 from hub.store import Store
 from protocol.logs import get_logger
 
@@ -50,6 +51,8 @@ class Hub:
     def __init__(self, config: HubConfig) -> None:
         self.config = config
         self.metrics = HubMetrics()
+        self.signals = SignalBus()
+        """The one in-process signal bus of this hub (see :mod:`hub.signals`)."""
         self.db = Database(config.database.url)
         self.store = Store(self.db)
         self.ingest = Ingest(config.mqtt, config.ingest, self.store, self.metrics)
@@ -94,7 +97,8 @@ class Hub:
             raise HubError(f"cannot open database {redact_url(self.db.url)}: {exc}") from exc
         self._tasks.append(asyncio.create_task(self.ingest.run(), name="hub-ingest"))
         app = create_app(ApiContext(db=self.db, status=self.config.status, ingest=self.ingest,
-                                    metrics=self.metrics, rollout=self.rollout))
+                                    metrics=self.metrics, rollout=self.rollout,
+                                    signals=self.signals))
         self._server = _Server(uvicorn.Config(
             app, host=self.config.http.host, port=self.config.http.port, log_config=None,
             access_log=False, lifespan="off", timeout_graceful_shutdown=3))

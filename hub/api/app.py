@@ -15,6 +15,7 @@ from hub.db import Database
 from hub.ingest import Ingest, now_ms
 from hub.metrics import HubMetrics
 from hub.rollout import Rollout
+from hub.signals import SignalBus
 
 
 @dataclass
@@ -31,6 +32,8 @@ class ApiContext:
     rollout: Rollout | None = None
     """Publishes model assignments; ``None``: assignments are stored but not published (tests)."""
     started: float = field(default_factory=time.monotonic)
+    signals: SignalBus = field(default_factory=SignalBus)
+    """The hub's one signal bus (billing emits human-error signals, the alert engine listens)."""
 
 
 class _ActivateDatabase:
