@@ -12,6 +12,7 @@ from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, SecretStr, ValidationError, model_validator
 
+from hub.alerts.rules import AlertsConfig
 from protocol.ids import NAME_PATTERN
 from protocol.tomlconfig import ConfigError, load_toml, parse_toml
 
@@ -102,6 +103,8 @@ class HubConfig(_Section):
     http: HttpConfig = HttpConfig()
     ingest: IngestConfig = IngestConfig()
     status: StatusConfig = StatusConfig()
+    alerts: AlertsConfig = AlertsConfig()
+    """Alert rules, contacts, SMTP and notification limits (``docs/alerts.md``)."""
 
 
 # Environment variable -> (section, key). Handy for containers and for launchers that pick ports.

@@ -22,7 +22,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Literal
 
@@ -46,6 +46,8 @@ from protocol.topics import parse_topic, subscription
 log = get_logger("hub.ingest")
 
 Kind = Literal["telemetry", "status", "event", "rejected"]
+CommittedHook = Callable[[Sequence[TelemetryItem], Sequence[StatusItem], Sequence[EventItem]], None]
+"""Called with each committed batch (see :meth:`Ingest.on_committed`)."""
 
 
 @dataclass(slots=True)
@@ -109,11 +111,18 @@ class Ingest:
         self._writer_task: asyncio.Task[None] | None = None
         self._drain_timeout = 5.0
         self._subscribed_hooks: list[Callable[[], None]] = []
+        self._committed_hooks: list[CommittedHook] = []
 
     def on_subscribed(self, hook: Callable[[], None]) -> None:
         """Call ``hook`` (synchronously; it must not block) each time a connection is subscribed:
         at start and after every reconnection."""
         self._subscribed_hooks.append(hook)
+
+    def on_committed(self, hook: CommittedHook) -> None:
+        """Call ``hook(telemetry, statuses, events)`` with every batch once it is committed, before
+        its messages are acknowledged (the alert engine). It runs on the ingest path: it must only
+        hand the batch on (e.g. put it on a queue); whatever it raises is logged and ignored."""
+        self._committed_hooks.append(hook)
 
     async def publish(self, topic: str, payload: bytes, *, qos: int = 1, retain: bool = False,
                       timeout_s: float = 10.0) -> None:
@@ -362,6 +371,11 @@ class Ingest:
                 if result.events:
                     self.metrics.events(result.events, result.events_inserted)
                 break
+            for hook in self._committed_hooks:
+                try:
+                    hook(telemetry, statuses, events)
+                except Exception as exc:  # a consumer must never stop or delay ingest
+                    log.exception("committed_hook_failed", error=repr(exc))
         self._ack(batch)
 
     def _ack(self, batch: list[_Pending]) -> None:

@@ -15,6 +15,7 @@ from collections.abc import AsyncIterator, Iterator
 
 import uvicorn
 
+from hub.alerts.engine import AlertEngine
 from hub.api import ApiContext, create_app
 from hub.config import HubConfig
 from hub.db import Database, redact_url
@@ -61,6 +62,11 @@ class Hub:
         # again whenever the MQTT connection is (re)subscribed.
         self.store.on_new_gateway = lambda site, gateway: self.rollout.mark((site, gateway))
         self.ingest.on_subscribed(self.rollout.mark_all)
+        # Alerts: every committed batch and every signal is handed to the engine (queued, off the
+        # ingest path); it starts once the database is open.
+        self.alerts = AlertEngine(self.db, config.alerts, clock=now_ms)
+        self.ingest.on_committed(self.alerts.on_batch)
+        self.signals.subscribe(self.alerts.on_signal)
         self.port: int | None = None
         self._server: _Server | None = None
         self._tasks: list[asyncio.Task[None]] = []
@@ -95,6 +101,7 @@ class Hub:
             await self.db.open()
         except Exception as exc:
             raise HubError(f"cannot open database {redact_url(self.db.url)}: {exc}") from exc
+        await self.alerts.start()
         self._tasks.append(asyncio.create_task(self.ingest.run(), name="hub-ingest"))
         app = create_app(ApiContext(db=self.db, status=self.config.status, ingest=self.ingest,
                                     metrics=self.metrics, rollout=self.rollout,
@@ -157,6 +164,7 @@ class Hub:
             except Exception as exc:  # already reported by wait(); keep stopping the rest
                 log.debug("task_failed", task=task.get_name(), error=str(exc))
         self._tasks.clear()
+        await self.alerts.stop()
         await self.db.close()
         log.info("hub_stopped", **{k: v for k, v in self.stats.as_dict().items() if isinstance(v, int)})
 

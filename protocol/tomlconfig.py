@@ -76,8 +76,9 @@ def _data_loc(data: Any, loc: tuple[str | int, ...]) -> tuple[str | int, ...]:
             if part in node:
                 out.append(part)
                 node = node[part]
-            elif last:
-                out.append(part)  # a missing or extra key is the last element
+            elif last and not (isinstance(part, str) and part in node.values()):
+                out.append(part)  # a missing or extra key is the last element (not a union tag
+                # such as the "threshold" of `type = "threshold"` on a model-level error)
             continue  # a label between two real keys
         if isinstance(node, list) and isinstance(part, int) and 0 <= part < len(node):
             out.append(part)

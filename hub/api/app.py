@@ -57,6 +57,7 @@ class _ActivateDatabase:
 
 def create_app(ctx: ApiContext) -> FastAPI:
     """Build the API around an open database (and optionally a running ingest)."""
+    from hub.api.alert_routes import router as alerts_router
     from hub.api.model_routes import router as models_router
     from hub.api.routes import metrics_router, router
 
@@ -71,6 +72,7 @@ def create_app(ctx: ApiContext) -> FastAPI:
     app.state.hub = ctx
     app.include_router(router)
     app.include_router(models_router)
+    app.include_router(alerts_router)
     app.include_router(metrics_router)
     app.add_middleware(_ActivateDatabase, db=ctx.db)
     return app
