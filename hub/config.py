@@ -13,6 +13,7 @@ from typing import Annotated, Any, Literal
 from pydantic import BaseModel, ConfigDict, Field, SecretStr, ValidationError, model_validator
 
 from hub.alerts.rules import AlertsConfig
+from hub.billing.config import BillingConfig
 from protocol.ids import NAME_PATTERN
 from protocol.tomlconfig import ConfigError, load_toml, parse_toml
 
@@ -105,6 +106,8 @@ class HubConfig(_Section):
     status: StatusConfig = StatusConfig()
     alerts: AlertsConfig = AlertsConfig()
     """Alert rules, contacts, SMTP and notification limits (``docs/alerts.md``)."""
+    billing: BillingConfig = BillingConfig()
+    """Plausibility limits of meter registers (``docs/billing.md``)."""
 
 
 # Environment variable -> (section, key). Handy for containers and for launchers that pick ports.

@@ -29,8 +29,8 @@ from protocol.logs import get_logger
 log = get_logger("hub.db")
 
 Dialect = Literal["sqlite", "postgres"]
-MODELS_MODULES = ["hub.models", "hub.registry", "hub.alerts.models"]
-"""Modules of the Tortoise app ``models``: fleet and readings, the anomaly-model registry, alerts."""
+MODELS_MODULES = ["hub.models", "hub.registry", "hub.alerts.models", "hub.billing.models"]
+"""Modules of the Tortoise app ``models``: fleet and readings, the anomaly-model registry, alerts, billing."""
 
 # SQLite pragmas for the hub's write pattern (one writer, large batches, concurrent API readers):
 # WAL lets readers run beside the writer; synchronous=NORMAL is durable across process crashes in

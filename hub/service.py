@@ -105,7 +105,7 @@ class Hub:
         self._tasks.append(asyncio.create_task(self.ingest.run(), name="hub-ingest"))
         app = create_app(ApiContext(db=self.db, status=self.config.status, ingest=self.ingest,
                                     metrics=self.metrics, rollout=self.rollout,
-                                    signals=self.signals))
+                                    signals=self.signals, billing=self.config.billing))
         self._server = _Server(uvicorn.Config(
             app, host=self.config.http.host, port=self.config.http.port, log_config=None,
             access_log=False, lifespan="off", timeout_graceful_shutdown=3))

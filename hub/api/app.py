@@ -10,6 +10,7 @@ from fastapi import FastAPI
 from starlette.types import ASGIApp, Receive, Scope, Send
 
 from hub import __version__
+from hub.billing.config import BillingConfig
 from hub.config import StatusConfig
 from hub.db import Database
 from hub.ingest import Ingest, now_ms
@@ -32,6 +33,8 @@ class ApiContext:
     rollout: Rollout | None = None
     """Publishes model assignments; ``None``: assignments are stored but not published (tests)."""
     started: float = field(default_factory=time.monotonic)
+    billing: BillingConfig = field(default_factory=BillingConfig)
+    """Plausibility limits of meter registers (``[billing]``)."""
     signals: SignalBus = field(default_factory=SignalBus)
     """The hub's one signal bus (billing emits human-error signals, the alert engine listens)."""
 
@@ -58,6 +61,7 @@ class _ActivateDatabase:
 def create_app(ctx: ApiContext) -> FastAPI:
     """Build the API around an open database (and optionally a running ingest)."""
     from hub.api.alert_routes import router as alerts_router
+    from hub.api.billing_routes import router as billing_router
     from hub.api.model_routes import router as models_router
     from hub.api.routes import metrics_router, router
 
@@ -73,6 +77,7 @@ def create_app(ctx: ApiContext) -> FastAPI:
     app.include_router(router)
     app.include_router(models_router)
     app.include_router(alerts_router)
+    app.include_router(billing_router)
     app.include_router(metrics_router)
     app.add_middleware(_ActivateDatabase, db=ctx.db)
     return app
