@@ -267,7 +267,7 @@ async def test_human_error_signal_raises_an_alert(db: Database) -> None:
         for i in range(2):
             await bus.emit(Signal(kind=SignalKind.HUMAN_ERROR, ts_ms=T0 + i, site="site1",
                                   device="site1.gw1.meter1", message="reading 120 kWh is below the previous 150 kWh",
-                                  details={"value": 120.0, "previous": 150.0}))
+                                  details={"value": "120.000" if i else 120.0, "previous": "150.000"}))
         await engine.drain(5)
     finally:
         await engine.stop()

@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import math
 import time
 from collections import deque
 from collections.abc import Callable, Sequence
@@ -103,6 +104,17 @@ class _Where:
 
 
 _Work = tuple[Sequence[TelemetryItem], Sequence[StatusItem], Sequence[EventItem]] | Signal
+
+
+def _number(raw: object) -> float | None:
+    """A finite number from a signal's detail (billing sends decimals as strings), else None."""
+    if isinstance(raw, bool) or not isinstance(raw, int | float | str):
+        return None
+    try:
+        value = float(raw)
+    except ValueError:
+        return None
+    return value if math.isfinite(value) else None
 
 
 def _info(a: Alert) -> AlertInfo:
@@ -259,8 +271,13 @@ class AlertEngine:
                     key = f"{rule.name}:{uid}"
                     if isinstance(rule, ThresholdRule):
                         state = True if rule.breached(value) else (False if rule.normal(value) else None)
-                        await self._transition(rule, key, state, where, value, r.ts,
-                                               f"{uid} {rule.describe(value, r.unit)}", stay)
+                        if state is None or (state and key in self._abnormal and stay is not None):
+                            if state:
+                                stay[key] = value
+                            continue  # the common case: no change of state, no message to build
+                        msg = (f"{uid} {rule.describe(value, r.unit)}" if state
+                               else f"{uid} {r.metric} {value:g} {r.unit}".rstrip())
+                        await self._transition(rule, key, state, where, value, r.ts, msg, stay)
                     elif isinstance(rule, RateRule):
                         per_min = self._rate(rule, key, r.ts, value)
                         if per_min is not None:
@@ -324,8 +341,7 @@ class AlertEngine:
         if uid:
             with contextlib.suppress(ValueError):
                 site, gateway, device = split_device_uid(uid)
-        raw = signal.details.get("value")
-        value = float(raw) if isinstance(raw, int | float) and not isinstance(raw, bool) else None
+        value = _number(signal.details.get("value"))
         if signal.kind in (SignalKind.ANOMALY_STARTED, SignalKind.ANOMALY_CLEARED):
             if device:
                 await self._anomaly_event(site, gateway, device, signal.kind is SignalKind.ANOMALY_STARTED,
@@ -375,6 +391,9 @@ class AlertEngine:
                           ts: int, message: str, stay: dict[str, float] | None) -> None:
         if abnormal is None:
             return
+        # The newest abnormal value of this episode goes to its alert before the state changes
+        # (it must not land on the next alert of the condition).
+        pending = stay.pop(key, None) if stay is not None else None
         if abnormal:
             if key not in self._abnormal:
                 self._abnormal.add(key)
@@ -385,6 +404,9 @@ class AlertEngine:
         if key in self._abnormal:
             self._abnormal.discard(key)
             self._last_value.pop(key, None)
+            if pending is not None:
+                with self.db.activate():
+                    await Alert.filter(active_key=key).update(last_value=pending)
             if rule.auto_clear:
                 await self._auto_clear(key, value, message)
 

@@ -238,7 +238,7 @@ class Notifier:
                         await asyncio.to_thread(self._smtp_send, message)
                     else:
                         await self._post(message)
-                    ok = True
+                    ok, error = True, ""
                     break
                 except _Permanent as exc:
                     error = str(exc)

@@ -108,7 +108,9 @@ class ThresholdRule(_Rule):
         """``pressure 0.62 bar below 0.8``."""
         if self.below is not None and value < self.below:
             return f"{self.metric} {value:g} {unit} below {self.below:g}".replace("  ", " ")
-        return f"{self.metric} {value:g} {unit} above {self.above:g}".replace("  ", " ")
+        if self.above is not None and value > self.above:
+            return f"{self.metric} {value:g} {unit} above {self.above:g}".replace("  ", " ")
+        return f"{self.metric} {value:g} {unit}".rstrip()
 
 
 class RateRule(_Rule):
