@@ -123,3 +123,43 @@ async def test_notification_from_a_running_hub(tmp_path: Path, mosquitto: Mosqui
         assert webhook.bodies[0]["alert"]["device"] == "site1.gw1.boiler2"
         assert webhook.bodies[0]["event"] == "opened"
         assert hub.alerts.stats.opened == 1
+
+
+async def test_refused_manual_reading_raises_a_human_error_alert(tmp_path: Path, mosquitto: Mosquitto) -> None:
+    # Billing refuses an implausible manual reading and emits a human-error signal on the hub's bus;
+    # the engine of the same hub turns it into an alert.
+    async with running_hub(config(tmp_path, mosquitto)) as hub, httpx.AsyncClient(base_url=hub.api_url) as http:
+        now = now_ms()
+        await publish(mosquitto, tele("site1", "gw1", [("meter1", "energy_import", 1, now - 60_000, 1000.0, "kWh",
+                                                        "good")], kinds={"meter1": "meter"}))
+        await wait_until(lambda: hub.stats.readings_stored == 1, what="the meter reading stored")
+        r = await http.post("/api/v1/meters/site1.gw1.meter1/readings",
+                            json={"value": "-5", "ts": "2025-11-25T14:00:00Z"}, headers={"X-Twin-User": "tech-7"})
+        assert r.status_code == 422, r.text
+        (alert,) = await wait_for_alerts(http, 1, device="site1.gw1.meter1")
+        assert (alert["type"], alert["rule"], alert["state"], alert["severity"], alert["last_value"]) == (
+            "human_error", "human-error", "open", "warning", -5.0)
+        assert alert["message"].startswith("possible human error: manual reading of meter site1.gw1.meter1 refused")
+        assert (alert["site"], alert["gateway"]) == ("site1", "gw1")
+
+
+async def test_a_slow_or_failing_alert_engine_never_holds_up_ingest(tmp_path: Path, mosquitto: Mosquitto,
+                                                                    monkeypatch: Any) -> None:
+    async with running_hub(config(tmp_path, mosquitto)) as hub:
+        release = asyncio.Event()
+
+        async def stuck(*_: object, **__: object) -> None:
+            await release.wait()
+
+        def broken(*_: object) -> None:
+            raise RuntimeError("a hook on fire")
+
+        monkeypatch.setattr(hub.alerts, "evaluate_batch", stuck)  # the engine hangs on its first batch
+        hub.ingest.on_committed(broken)  # and another consumer raises
+        for i in range(5):
+            await publish(mosquitto, tele("site1", "gw1", [("boiler1", "pressure", i, now_ms(), 0.1, "bar", "good")]))
+        await wait_until(lambda: hub.stats.readings_stored == 5 and hub.stats.acked == 5, within_s=10,
+                         what="every message stored and acknowledged while the engine is stuck")
+        assert hub.ingest.pending == 0
+        release.set()
+        await hub.alerts.drain(5)

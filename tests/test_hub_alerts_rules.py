@@ -322,3 +322,18 @@ async def test_engine_errors_never_reach_ingest(db: Database, monkeypatch: pytes
         assert engine.stats.errors + engine.stats.batches_skipped == 5
     finally:
         await engine.stop()
+
+
+async def test_a_database_without_alert_tables_gets_them_at_start(tmp_path: Path) -> None:
+    url = f"sqlite://{tmp_path}/old.db"
+    async with Database(url) as old:  # a database of the schema before alerts: no alert tables
+        await Store(old).write([boiler(1.5, 1, T0)])
+        with old.activate():
+            await old.conn.execute_script('DROP TABLE "alert_event"; DROP TABLE "alert"')
+    async with Database(url) as db:
+        engine = AlertEngine(db, alerts_config(PRESSURE), clock=Clock())
+        await engine.evaluate_batch([boiler(0.5, 2, T0 + 1000)])
+        assert [(a.key, a.state) for a in await alerts(db)] == [("pressure:site1.gw1.boiler1", "open")]
+        with db.activate():
+            rows = await db.conn.execute_query_dict("SELECT COUNT(*) AS n FROM reading")
+        assert rows[0]["n"] == 1

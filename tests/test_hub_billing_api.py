@@ -9,6 +9,7 @@ from __future__ import annotations
 
 from collections.abc import AsyncIterator
 from datetime import UTC, datetime
+from decimal import Decimal
 from pathlib import Path
 from typing import Any
 
@@ -369,6 +370,38 @@ async def test_meter_tariff_from_mid_day_beats_the_site_tariff(api: httpx.AsyncC
     assert [(s["tariff"], s["days"], s["amount"]) for s in body["standing_charge"]] == [
         ("economy7", "0.2826", "0.17"), ("flat", "0.2391", "0.10")]
     assert (body["net"], body["vat_total"], body["total"]) == ("21.52", "1.08", "22.60")
+
+
+async def test_second_by_second_telemetry_across_a_rollover(api: httpx.AsyncClient, db: Database) -> None:
+    # meter2 reports every second from 10:00:00Z for 3 minutes, +0.01 kWh per second (36 kW), from
+    # 42,949,672.00: the register wraps (modulus 42,949,672.96) at 10:01:36Z and reads 0.83 at
+    # 10:02:59Z. The hub computes with the first and last reading of each minute:
+    #   10:00:00 42949672.00 -> 10:00:59 42949672.59 -> 10:01:00 42949672.60        0.60 kWh
+    #   -> 10:01:59 0.23 (0.23 + 42,949,672.96 - 42,949,672.60 = 0.59, a rollover)  0.59 kWh
+    #   -> 10:02:00 0.24 -> 10:02:59 0.83                                           0.60 kWh
+    # 1.79 kWh in all (= 179 steps of 0.01) at a flat 1.00/kWh = 1.79; no standing charge, no VAT.
+    modulus = Decimal("42949672.96")
+    values = [(Decimal("42949672.00") + Decimal("0.01") * i) % modulus for i in range(180)]
+    t0 = ms("2026-02-02T10:00")
+    readings = [("meter2", "energy_import", 100 + i, t0 + 1000 * i, float(v), "kWh", "good")
+                for i, v in enumerate(values)]
+    await Store(db).write([TelemetryItem(telemetry("plant1", "gw1", readings, kinds={"meter2": "meter"}), NOW)])
+    flat = {"name": "unit", "currency": "GBP", "vat_rate": "0", "effective_from": "2026-01-01T00:00:00Z",
+            "bands": [{"name": "flat", "rate": "1.00"}]}
+    assert (await api.post("/api/v1/tariffs", json=flat)).status_code == 201
+    assert (await api.post("/api/v1/tariff-assignments", json={
+        "tariff": "unit", "meter": "plant1.gw1.meter2", "effective_from": "2026-01-01T00:00:00Z"})).status_code == 201
+    # The technician reads the same 0.83 at 10:02:59Z: accepted (nothing used since), counted once.
+    r = await api.post("/api/v1/meters/plant1.gw1.meter2/readings", json={"value": "0.83",
+                                                                          "ts": "2026-02-02T10:02:59Z"})
+    assert (r.status_code, r.json()["consumption_kwh"]) == (201, "0.000")
+    r = await api.get("/api/v1/meters/plant1.gw1.meter2/cost", params={"since": "2026-02-02T10:00:00Z",
+                                                                        "until": "2026-02-02T10:03:00Z"})
+    body = r.json()
+    assert (body["consumption_kwh"], body["readings"], body["duplicates"], body["measured_until"]) == (
+        "1.790", 6, 1, "2026-02-02T10:02:59.000Z")
+    assert [(e["kwh"], e["amount"]) for e in body["energy"]] == [("1.790", "1.79")]
+    assert (body["net"], body["vat_total"], body["total"], body["unmeasured"]) == ("1.79", "0.00", "1.79", [])
 
 
 async def test_cost_without_tariff_or_readings(api: httpx.AsyncClient) -> None:

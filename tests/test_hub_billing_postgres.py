@@ -27,6 +27,7 @@ from tests.test_hub_billing_api import (  # noqa: F401 - collected here with the
     test_meter_tariff_from_mid_day_beats_the_site_tariff,
     test_replacement_may_be_lower,
     test_running_cost_over_the_23_hour_day,
+    test_second_by_second_telemetry_across_a_rollover,
     test_second_manual_reading_at_the_same_time_409,
 )
 from tests.test_hub_billing_migrate import test_existing_database_gets_the_billing_tables  # noqa: F401

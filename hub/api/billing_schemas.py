@@ -210,7 +210,8 @@ class CostOut(BaseModel):
     unpriced_kwh: str = Field(description="Consumption in parts of the range without a tariff (not charged)")
     measured_from: str | None = Field(description="Readings cover the range from here ... (null: no readings)")
     measured_until: str | None = Field(description="... to here; consumption after it is not known yet")
-    readings: int = Field(description="Register readings used (telemetry and manual, after deduplication)")
+    readings: int = Field(description="Register readings used (telemetry thinned to the first and last of each "
+                                      "minute, and manual readings; after deduplication)")
     duplicates: int
     conflicts: int = Field(description="Readings dropped because another of the same time had another value")
     energy: list[EnergyLineOut]
