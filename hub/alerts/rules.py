@@ -259,9 +259,9 @@ class AlertsConfig(_Strict):
     """Names of rules (built-in or not) to leave out."""
     evaluate_every_s: Annotated[float, Field(gt=0, le=3600)] = 10.0
     """Period of the timer that checks stale devices and offline gateways and sends digests."""
-    queue_max_batches: Annotated[int, Field(ge=1, le=1_000_000)] = 10_000
+    queue_max_batches: Annotated[int, Field(ge=1, le=1_000_000)] = 1000
     """Committed batches waiting for evaluation; beyond this they are skipped (counted), never
-    holding up ingest."""
+    holding up ingest. Queued batches stay in memory (at most ``[ingest] batch_max_readings`` each)."""
     rules: list[Rule] = []
     contacts: list[Contact] = []
     smtp: SmtpConfig = SmtpConfig()
