@@ -203,7 +203,8 @@ async def submit_reading(ctx: Ctx, meter_id: str, body: ManualReadingIn, user: U
         await ctx.signals.emit(Signal(
             kind=SignalKind.HUMAN_ERROR, ts_ms=now, message=f"manual reading of meter {dev.uid} refused: {exc.message}",
             site=dev.site, gateway=dev.gateway, device=dev.uid,
-            details={"source": "manual_reading", "reason": exc.reason, "value": f"{new.value:f}",
+            details={"source": "manual_reading", "reason": exc.reason, "value": float(new.value),
+                     "value_text": f"{new.value:f}",
                      "ts": _iso(new.ts_ms), "submitted_by": user,
                      **({"previous": f"{exc.previous.value:f}", "previous_ts": _iso(exc.previous.ts_ms)}
                         if exc.previous is not None else {})}))
