@@ -64,7 +64,7 @@ class Hub:
         self.ingest.on_subscribed(self.rollout.mark_all)
         # Alerts: every committed batch and every signal is handed to the engine (queued, off the
         # ingest path); it starts once the database is open.
-        self.alerts = AlertEngine(self.db, config.alerts, clock=now_ms)
+        self.alerts = AlertEngine(self.db, config.alerts, clock=now_ms, registry=self.metrics.registry)
         self.ingest.on_committed(self.alerts.on_batch)
         self.signals.subscribe(self.alerts.on_signal)
         self.port: int | None = None

@@ -123,6 +123,13 @@ async def test_notification_from_a_running_hub(tmp_path: Path, mosquitto: Mosqui
         assert webhook.bodies[0]["alert"]["device"] == "site1.gw1.boiler2"
         assert webhook.bodies[0]["event"] == "opened"
         assert hub.alerts.stats.opened == 1
+        await wait_until(lambda: hub.alerts.notifier.pending == 0, within_s=10, what="the delivery recorded")
+        async with httpx.AsyncClient(base_url=hub.api_url) as http:
+            text = (await http.get("/metrics")).text
+        assert 'twin_hub_alerts_total{event="opened"} 1.0' in text
+        assert 'twin_hub_alert_notifications_total{channel="webhook",result="delivered"} 1.0' in text
+        assert "twin_hub_alert_batches_skipped_total 0.0" in text
+        assert "twin_hub_alert_queue 0.0" in text
 
 
 async def test_refused_manual_reading_raises_a_human_error_alert(tmp_path: Path, mosquitto: Mosquitto) -> None:

@@ -33,6 +33,7 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
+from prometheus_client import CollectorRegistry, Counter, Gauge
 from tortoise.exceptions import IntegrityError
 from tortoise.expressions import F
 from tortoise.transactions import in_transaction
@@ -123,11 +124,29 @@ def _info(a: Alert) -> AlertInfo:
                      count=a.count, last_value=a.last_value, opened_ms=a.opened_ms)
 
 
+class AlertMetrics:
+    """Prometheus counters of the engine, on the hub's registry (``/metrics``)."""
+
+    def __init__(self, registry: CollectorRegistry | None, queued: Callable[[], int]) -> None:
+        r = registry if registry is not None else CollectorRegistry()
+        self.alerts = Counter("twin_hub_alerts", "Alert changes made by the engine (opened, retriggered, "
+                              "cleared automatically)", ["event"], registry=r)
+        self.notifications = Counter("twin_hub_alert_notifications", "Notification deliveries by channel and "
+                                     "result (delivered, failed after retries)", ["channel", "result"], registry=r)
+        self.suppressed = Counter("twin_hub_alert_notifications_suppressed",
+                                  "Notifications held back by the rate limit", registry=r)
+        self.skipped = Counter("twin_hub_alert_batches_skipped",
+                               "Committed batches not evaluated because the alert queue was full", registry=r)
+        self.errors = Counter("twin_hub_alert_evaluation_errors", "Evaluations that failed (logged)", registry=r)
+        self.queue = Gauge("twin_hub_alert_queue", "Batches and signals waiting for evaluation", registry=r)
+        self.queue.set_function(lambda: float(queued()))
+
+
 class AlertEngine:
     """Rules → alerts → notifications for one hub database."""
 
     def __init__(self, db: Database, config: AlertsConfig, clock: Callable[[], int] = now_ms,
-                 notifier: Notifier | None = None) -> None:
+                 notifier: Notifier | None = None, registry: CollectorRegistry | None = None) -> None:
         self.db = db
         self.config = config
         self.clock = clock
@@ -154,6 +173,7 @@ class AlertEngine:
         self._busy = 0
         self._wake = asyncio.Event()
         self._tasks: list[asyncio.Task[None]] = []
+        self.metrics = AlertMetrics(registry, lambda: self._busy)
 
     # -- wiring -------------------------------------------------------------------------------
 
@@ -167,6 +187,7 @@ class AlertEngine:
             self._busy += 1
         except asyncio.QueueFull:
             self.stats.batches_skipped += 1
+            self.metrics.skipped.inc()
             if self.stats.batches_skipped in (1, 10, 100) or self.stats.batches_skipped % 1000 == 0:
                 log.warning("alert_batches_skipped", skipped=self.stats.batches_skipped,
                             queue_max=self.config.queue_max_batches)
@@ -182,6 +203,7 @@ class AlertEngine:
             self._busy += 1
         except asyncio.QueueFull:
             self.stats.batches_skipped += 1
+            self.metrics.skipped.inc()
             log.warning("alert_signal_skipped", kind=signal.kind.value)
 
     async def start(self) -> None:
@@ -228,6 +250,7 @@ class AlertEngine:
                 raise
             except Exception as exc:  # a database hiccup must not end alerting
                 self.stats.errors += 1
+                self.metrics.errors.inc()
                 log.exception("alert_evaluation_failed", error=repr(exc))
             finally:
                 self._busy -= 1
@@ -243,6 +266,7 @@ class AlertEngine:
                 raise
             except Exception as exc:
                 self.stats.errors += 1
+                self.metrics.errors.inc()
                 log.exception("alert_sweep_failed", error=repr(exc))
 
     # -- evaluation ---------------------------------------------------------------------------
@@ -441,6 +465,7 @@ class AlertEngine:
             else:
                 raise RuntimeError(f"could not open or retrigger {key}")
             fresh = await Alert.get(id=alert.id)
+        self.metrics.alerts.labels(kind).inc()
         if kind == "opened":
             self.stats.opened += 1
             log.warning("alert_opened", id=fresh.id, key=key, severity=fresh.severity, message=message)
@@ -466,6 +491,7 @@ class AlertEngine:
                                         message=f"back to normal: {message}", using_db=conn)
             fresh = await Alert.get(id=alert.id)
         self.stats.cleared += 1
+        self.metrics.alerts.labels("cleared").inc()
         log.info("alert_cleared", id=alert.id, key=key, by="auto")
         if self.config.notify.on_clear:
             await self._notify(fresh, "cleared")
@@ -485,12 +511,14 @@ class AlertEngine:
     async def _notify(self, alert: Alert, kind: NotifyKind) -> None:
         _, suppressed = self.notifier.notify(_info(alert), kind)
         if suppressed:
+            self.metrics.suppressed.inc(suppressed)
             with self.db.activate():
                 await Alert.filter(id=alert.id).update(
                     notifications_suppressed=F("notifications_suppressed") + suppressed)
 
     async def _record_result(self, result: Result) -> None:
         m = result.message
+        self.metrics.notifications.labels(m.channel, "delivered" if result.ok else "failed").inc()
         text = f"{m.channel} ({m.kind}) after {result.attempts} attempt(s)"
         if result.error:
             text += f": {result.error}"
