@@ -18,9 +18,10 @@ is exactly the mean power over the window, where a least-squares slope is not.)
     its 99th percentile on the training data: Hotelling's T² in the retained components; T² in
     the discarded (minor) components; the squared prediction error Q (what the retained
     components cannot explain); the largest single standardised residual; the largest single
-    |z|. Exact relations between inputs (an energy counter's rate and the power) live in the
-    minor components, loose ones (pressure vs water temperature) in Q, and a frozen sensor shows
-    in one feature's |z| (its log std collapses).
+    |z|; and, with ``logstd`` features, a *collapse* ratio that is large when an input's spread
+    falls far below anything seen in training. Exact relations between inputs (an energy counter's
+    rate and the power) live in the minor components, loose ones (pressure vs water temperature)
+    in Q, and a frozen sensor (spread exactly 0) shows in the collapse ratio.
 
 The score is "larger is worse"; the alarm threshold is calibrated separately on normal data.
 :meth:`WindowDetector.to_onnx` builds the same computation with plain ONNX operators (opset 17),
@@ -131,6 +132,12 @@ class WindowDetector:
     move Q, which sums over every loose relation, but huge next to that feature's own residual
     spread."""
     z_limit: float = 0.0
+    collapse_floor: Array = field(default_factory=lambda: np.zeros(0))
+    """PCA with ``logstd`` only, per input: ``s_lo + e`` where ``s_lo`` is the 0.1 % quantile of the
+    input's window std in training and ``e`` a hundredth of its register resolution. The term
+    ``max_j (s_lo_j + e_j) / (std_j + e_j)`` is about 1 at worst on normal data and in the tens or
+    hundreds for a frozen sensor (std exactly 0), whatever the PCA makes of the rest."""
+    collapse_eps: Array = field(default_factory=lambda: np.zeros(0))
     """PCA only: limit of the largest |z| of one feature (a univariate check; 0 = off)."""
     n_inputs: int = 0
     """Number of input metrics (F); 0 means len(center) / len(features) (every feature of every input)."""
@@ -161,7 +168,22 @@ class WindowDetector:
             out = np.maximum(out, np.abs(resid * self.resid_scale).max(axis=1))
         if self.z_limit:
             out = np.maximum(out, np.abs(z).max(axis=1) / self.z_limit)
+        if len(self.collapse_floor):
+            std = np.exp(feats[:, self.logstd_columns]) - self.logstd_eps
+            out = np.maximum(out, (self.collapse_floor / (np.maximum(std, 0.0) + self.collapse_eps)).max(axis=1))
         return out
+
+    @property
+    def logstd_columns(self) -> list[int]:
+        """Columns of the (kept) feature rows holding each input's log std, in input order."""
+        if "logstd" not in self.features:
+            return []
+        base = self.features.index("logstd") * self.n_inputs
+        cols = list(range(base, base + self.n_inputs))
+        if self.keep is None:
+            return cols
+        pos = {c: i for i, c in enumerate(self.keep)}
+        return [pos[c] for c in cols]
 
     def score(self, windows: npt.ArrayLike) -> Array:
         """Score windows ``[N, W, F]`` (the numpy reference of the ONNX graph)."""
@@ -263,11 +285,19 @@ def fit_pca_features(
     r_std = resid.std(axis=0) + 1e-6
     r_limit = float(np.quantile(np.abs(resid / r_std).max(axis=1), limit_quantile)) or 1.0
     z_limit = float(np.quantile(np.abs(z).max(axis=1), limit_quantile)) or 1.0
+    collapse: dict[str, Array] = {}
+    if "logstd" in features:
+        probe = WindowDetector(window=window, features=tuple(features), family="pca", center=center, scale=scale,
+                               n_inputs=n_inputs, keep=None if keep is None else tuple(int(i) for i in keep),
+                               logstd_eps=eps)
+        std = np.maximum(np.exp(feats[:, probe.logstd_columns]) - eps, 0.0)
+        c_eps = eps / 10.0  # logstd's eps is a tenth of the resolution: this is a hundredth
+        collapse = {"collapse_floor": np.quantile(std, 0.001, axis=0) + c_eps, "collapse_eps": c_eps}
     return WindowDetector(
         window=window, features=tuple(features), family="pca", center=center, scale=scale,
         components=comps, t2_weights=1.0 / (eig[:k] * t2_limit), q_limit=q_limit,
         minor_components=minor, minor_weights=1.0 / (lam_minor * minor_limit),
-        resid_scale=1.0 / (r_std * r_limit), z_limit=z_limit,
+        resid_scale=1.0 / (r_std * r_limit), z_limit=z_limit, **collapse,
         n_inputs=n_inputs, keep=None if keep is None else tuple(int(i) for i in keep), logstd_eps=eps,
     )
 
@@ -388,6 +418,12 @@ def _build_onnx(det: WindowDetector, card: ModelCard) -> bytes:
             nodes.append(helper.make_node("ReduceMax", ["zabs"], ["zmax_raw"], axes=[1], keepdims=0))
             nodes.append(helper.make_node("Div", ["zmax_raw", const("z_limit", det.z_limit)], ["zmax"]))
             terms.append("zmax")
+        if len(det.collapse_floor):
+            nodes.append(helper.make_node("Add", ["std", const("collapse_eps", det.collapse_eps)], ["std_c"]))
+            floor = const("collapse_floor", det.collapse_floor)
+            nodes.append(helper.make_node("Div", [floor, "std_c"], ["collapse_r"]))
+            nodes.append(helper.make_node("ReduceMax", ["collapse_r"], ["collapse"], axes=[1], keepdims=0))
+            terms.append("collapse")
         nodes.append(helper.make_node("Max", terms, [OUTPUT_NAME]))
 
     graph = helper.make_graph(

@@ -164,13 +164,12 @@ def fleet(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Fleet]:
         hub = ReadyProcess.python("twin-hub", "hub.cli", "run", "--config", str(hub_cfg), log_path=work / "hub.log")
         procs.append(hub.start(timeout=60))
 
-        edge_cfg = write_edge_config(work / "edge.toml", site=SITE, gateway=GATEWAY, mqtt_port=broker.port,
-                                     devices=devices, poll_interval_s=POLL_S, mqtt={"batch_max_delay_ms": 50})
         # No [[models]]: the edge scores nothing until the hub assigns a model. A poll held up
         # by more than 3 periods (150 ms) on a busy CI machine would restart the windows and
         # cost another 30 s of filling: allow 2 s.
-        with edge_cfg.open("a") as f:
-            f.write("\n[inference]\ngap_factor = 40.0\n")
+        edge_cfg = write_edge_config(work / "edge.toml", site=SITE, gateway=GATEWAY, mqtt_port=broker.port,
+                                     devices=devices, poll_interval_s=POLL_S, mqtt={"batch_max_delay_ms": 50},
+                                     inference={"gap_factor": 40.0})
         edge = ReadyProcess.python("twin-edge", "edge.cli", "run", "--config", str(edge_cfg),
                                    log_path=work / "edge.log")
         procs.append(edge.start())
