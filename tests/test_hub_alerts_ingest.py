@@ -94,7 +94,7 @@ async def test_threshold_on_telemetry_and_human_error_signal(tmp_path: Path, mos
 
 async def test_stale_device_and_offline_gateway(tmp_path: Path, mosquitto: Mosquitto) -> None:
     cfg = config(tmp_path, mosquitto, builtin_rules=False, evaluate_every_s=0.2, rules=[
-        {"type": "stale", "name": "stale", "after_s": 1.0},
+        {"type": "stale", "name": "stale", "after_s": 3.0},
         {"type": "gateway_offline", "name": "gw-offline", "after_s": 60, "severity": "critical"}])
     async with running_hub(cfg) as hub, httpx.AsyncClient(base_url=hub.api_url) as http:
         await publish(mosquitto, tele("site1", "gw1", [("boiler1", "flow_temp", 1, now_ms(), 60.0, "degC", "good")]))

@@ -93,6 +93,10 @@ def test_contact_needs_a_channel_and_names_are_unique() -> None:
         parse_config('[[alerts.rules]]\ntype = "anomaly"\nname = "a"\n[[alerts.rules]]\ntype = "stale"\nname = "a"\n',
                      source="hub.toml")
     assert info.value.problems == ["hub.toml: alerts.rules: duplicate rule name(s): a"]
+    with pytest.raises(ConfigError) as info:
+        parse_config('[[alerts.rules]]\ntype = "anomaly"\nname = "a"\nprofile = "sim-boiler"\n', source="hub.toml")
+    assert info.value.problems == [
+        "hub.toml:1: alerts.rules[0]: rules of type 'anomaly' can filter by site, gateway, device only, not by profile"]
 
 
 def test_documented_example_validates_and_env_overrides_keep_it() -> None:

@@ -146,11 +146,25 @@ class StaleRule(_Rule):
     after_s: Annotated[float, Field(gt=0)] = 600
 
 
+def _only_filters(rule: _Rule, allowed: tuple[str, ...]) -> None:
+    """Refuse filters a rule type cannot apply (they would silently match nothing)."""
+    unusable = [f for f in ("site", "gateway", "device", "kind", "profile")
+                if f not in allowed and getattr(rule, f) is not None]
+    if unusable:
+        raise ValueError(f"rules of type {getattr(rule, 'type', '')!r} can filter by {', '.join(allowed)} only, "
+                         f"not by {', '.join(unusable)}")
+
+
 class GatewayOfflineRule(_Rule):
     """A gateway whose status (or Last Will) says offline, or with no telemetry for ``after_s``."""
 
     type: Literal["gateway_offline"]
     after_s: Annotated[float, Field(gt=0)] = 600
+
+    @model_validator(mode="after")
+    def _filters(self) -> GatewayOfflineRule:
+        _only_filters(self, ("site", "gateway"))
+        return self
 
 
 class GapRule(_Rule):
@@ -170,6 +184,11 @@ class AnomalyRule(_Rule):
 
     type: Literal["anomaly"]
 
+    @model_validator(mode="after")
+    def _filters(self) -> AnomalyRule:
+        _only_filters(self, ("site", "gateway", "device"))
+        return self
+
 
 class HumanErrorRule(_Rule):
     """"Possible human error" signals (billing's rejected manual readings, unsafe setpoint writes).
@@ -179,6 +198,11 @@ class HumanErrorRule(_Rule):
 
     type: Literal["human_error"]
     auto_clear: bool = False
+
+    @model_validator(mode="after")
+    def _filters(self) -> HumanErrorRule:
+        _only_filters(self, ("site", "gateway", "device"))
+        return self
 
 
 Rule = Annotated[ThresholdRule | RateRule | StaleRule | GatewayOfflineRule | GapRule | AnomalyRule | HumanErrorRule,
