@@ -29,7 +29,7 @@ import contextlib
 import math
 import time
 from collections import deque
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -59,7 +59,7 @@ from hub.signals import Signal, SignalKind
 from hub.store import EventItem, StatusItem, TelemetryItem
 from protocol.ids import split_device_uid
 from protocol.logs import get_logger
-from protocol.schema import EventType, Quality
+from protocol.schema import DeviceInfoV1, EventType, Quality
 
 log = get_logger("hub.alerts")
 
@@ -168,6 +168,7 @@ class AlertEngine:
         self._rates: dict[str, deque[tuple[int, float]]] = {}
         self._newest: dict[str, int] = {}
         self._event_ts: dict[str, int] = {}
+        self._target_cache: dict[tuple[str, ...], list[tuple[ReadingRule, str, _Where]]] = {}
         self._last_value: dict[str, tuple[float, float]] = {}  # key -> (value, monotonic of write)
         self._queue: asyncio.Queue[_Work] = asyncio.Queue(maxsize=config.queue_max_batches)
         self._busy = 0
@@ -275,41 +276,41 @@ class AlertEngine:
                              events: Sequence[EventItem] = ()) -> None:
         """Apply the reading and event rules to one committed batch."""
         stay: dict[str, float] = {}
+        abnormal = self._abnormal
         for item in telemetry:
             t = item.telemetry
+            devices = t.devices
             for r in t.readings:
-                rules = self._by_metric.get(r.metric)
-                if not rules or r.quality is not Quality.GOOD:
+                if r.metric not in self._by_metric or r.quality is not Quality.GOOD:
                     continue
                 v = r.value
                 if v is None or isinstance(v, bool | str):
                     continue
                 value = float(v)
-                info = t.devices.get(r.device)
-                kind, profile = (info.kind.value, info.profile) if info is not None else ("", "")
-                uid = f"{t.site}.{t.gateway}.{r.device}"
-                where = _Where(t.site, t.gateway, uid, r.metric)
-                for rule in rules:
-                    if not rule.matches(t.site, t.gateway, r.device, kind, profile):
-                        continue
-                    key = f"{rule.name}:{uid}"
+                for rule, key, where in self._targets(t.site, t.gateway, r.device, r.metric, devices):
                     if isinstance(rule, ThresholdRule):
-                        state = True if rule.breached(value) else (False if rule.normal(value) else None)
-                        if state is None or (state and key in self._abnormal and stay is not None):
-                            if state:
-                                stay[key] = value
-                            continue  # the common case: no change of state, no message to build
-                        msg = (f"{uid} {rule.describe(value, r.unit)}" if state
-                               else f"{uid} {r.metric} {value:g} {r.unit}".rstrip())
-                        await self._transition(rule, key, state, where, value, r.ts, msg, stay)
+                        if rule.breached(value):
+                            if key in abnormal:
+                                stay[key] = value  # the common case: no change, no message to build
+                                continue
+                            msg = f"{where.device} {rule.describe(value, r.unit)}"
+                            await self._transition(rule, key, True, where, value, r.ts, msg, stay)
+                        elif key in abnormal and rule.normal(value):
+                            msg = f"{where.device} {r.metric} {value:g} {r.unit}".rstrip()
+                            await self._transition(rule, key, False, where, value, r.ts, msg, stay)
                     elif isinstance(rule, RateRule):
                         per_min = self._rate(rule, key, r.ts, value)
-                        if per_min is not None:
-                            sign = "rising" if rule.max_rise_per_min > 0 else "falling"
-                            msg = (f"{uid} {r.metric} {sign} {abs(per_min):.3g} {r.unit}/min over "
-                                   f"{rule.window_s:g} s (limit {abs(rule.max_rise_per_min):g})")
-                            await self._transition(rule, key, rule.breached(per_min), where, per_min, r.ts, msg,
-                                                   stay)
+                        if per_min is None:
+                            continue
+                        breached = rule.breached(per_min)
+                        if breached == (key in abnormal):
+                            if breached:
+                                stay[key] = per_min
+                            continue
+                        sign = "rising" if rule.max_rise_per_min > 0 else "falling"
+                        msg = (f"{where.device} {r.metric} {sign} {abs(per_min):.3g} {r.unit}/min over "
+                               f"{rule.window_s:g} s (limit {abs(rule.max_rise_per_min):g})")
+                        await self._transition(rule, key, breached, where, per_min, r.ts, msg, stay)
                     else:
                         prev = self._newest.get(key)
                         if prev is None or r.ts > prev:
@@ -317,7 +318,7 @@ class AlertEngine:
                             gap_s = (r.ts - prev) / 1000 if prev is not None else 0.0
                             if gap_s > rule.max_gap_s:
                                 await self._trigger(rule, key, where, gap_s, r.ts,
-                                                    f"{uid} {r.metric}: no data for {gap_s:.0f} s "
+                                                    f"{where.device} {r.metric}: no data for {gap_s:.0f} s "
                                                     f"(limit {rule.max_gap_s:g} s)")
         for e_item in events:
             e = e_item.event
@@ -328,6 +329,24 @@ class AlertEngine:
             await self._anomaly_event(e.site, e.gateway, e.device, e.type is EventType.ANOMALY_STARTED, e.ts,
                                       score_value, e.message)
         await self._write_last_values(stay)
+
+    def _targets(self, site: str, gateway: str, device: str, metric: str,
+                 devices: Mapping[str, DeviceInfoV1]) -> list[tuple[ReadingRule, str, _Where]]:
+        """(rule, condition key, where) of every reading rule for this device's metric; cached per
+        device, kind and profile so the per-reading cost is one dictionary lookup."""
+        info = devices.get(device)
+        kind, profile = (info.kind.value, info.profile) if info is not None else ("", "")
+        cache_key = (site, gateway, device, kind, profile, metric)
+        targets = self._target_cache.get(cache_key)
+        if targets is None:
+            uid = f"{site}.{gateway}.{device}"
+            where = _Where(site, gateway, uid, metric)
+            targets = [(rule, f"{rule.name}:{uid}", where) for rule in self._by_metric.get(metric, ())
+                       if rule.matches(site, gateway, device, kind, profile)]
+            if len(self._target_cache) >= 100_000:  # a fleet that keeps renaming things
+                self._target_cache.clear()
+            self._target_cache[cache_key] = targets
+        return targets
 
     def _rate(self, rule: RateRule, key: str, ts: int, value: float) -> float | None:
         hist = self._rates.setdefault(key, deque())
