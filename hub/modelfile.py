@@ -24,6 +24,7 @@ from protocol.anomaly import (
     ModelCard,
     ModelFileError,
     card_from_metadata,
+    import_onnxruntime,
     sha256_of,
 )
 
@@ -64,7 +65,7 @@ def inspect_model(data: bytes) -> CheckedModel:
     """Check ``data`` as a model file; :class:`ModelRejected` says what is wrong. Blocking."""
     check_size(len(data))
     import numpy as np
-    import onnxruntime as ort  # imported here: only uploads need it, and it is slow to import
+    ort = import_onnxruntime()  # imported here: only uploads need it, and it is slow to import
 
     options = ort.SessionOptions()
     options.intra_op_num_threads = 1  # a check, not a workload: no thread pool per upload

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -10,6 +11,9 @@ import pytest
 from fleet.broker import BrokerUnavailable, Mosquitto
 from fleet.postgres import PostgresCluster, PostgresUnavailable
 from tests.parts import missing_part
+
+# Test modules import onnxruntime directly; like the edge and hub, they keep its telemetry off.
+os.environ.setdefault("ORT_DISABLE_TELEMETRY", "1")
 
 
 @pytest.fixture

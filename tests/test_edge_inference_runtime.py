@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import os
 import subprocess
 import sys
 import threading
@@ -317,3 +318,17 @@ def test_an_agent_without_models_loads_neither_onnxruntime_nor_numpy() -> None:
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True,
                          cwd=Path(__file__).resolve().parents[1])
     assert out.stdout.strip() == "[]"
+
+
+def test_onnxruntime_telemetry_is_off(tmp_path: Path) -> None:
+    # onnxruntime >= 1.29 writes ~/.cache/Microsoft and tries to reach a collector unless told not
+    # to; the edge's loader must tell it, whatever the environment of the process says.
+    env = {k: v for k, v in os.environ.items() if k != "ORT_DISABLE_TELEMETRY"}
+    env["HOME"] = str(tmp_path)
+    code = ("import os; from edge.inference.runtime import onnxruntime_version; onnxruntime_version(); "
+            "print(os.environ['ORT_DISABLE_TELEMETRY'])")
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=60,
+                          cwd=Path(__file__).resolve().parents[1], check=False)
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stdout.strip() == "1"
+    assert not (tmp_path / ".cache" / "Microsoft").exists()

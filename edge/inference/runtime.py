@@ -31,6 +31,7 @@ from protocol.anomaly import (
     ModelCard,
     ModelFileError,
     card_from_metadata,
+    import_onnxruntime,
     sha256_of,
 )
 
@@ -63,9 +64,8 @@ class ScoringError(RuntimeError):
 
 
 def _ort() -> Any:
-    import onnxruntime  # deliberately lazy: about 20 MB of RSS (and numpy another 13)
-
-    return onnxruntime
+    # Deliberately lazy: about 20 MB of RSS (and numpy another 11); telemetry off (see there).
+    return import_onnxruntime()
 
 
 def onnxruntime_version() -> str:
