@@ -223,3 +223,44 @@ async def test_a_flapping_sensor_cannot_flood_anyone(db: Database, webhook: Rece
     assert len(webhook.bodies) == 4  # one digest, not one per sweep
     assert await engine.notifier.wait_idle(15)
     await engine.notifier.close()
+
+
+@pytest.mark.filterwarnings("ignore:Requiring AUTH while not requiring TLS:UserWarning")
+async def test_smtp_login_with_the_configured_credentials(db: Database) -> None:
+    # A server that requires AUTH (over plain TCP on loopback, allowed for the test): the
+    # configured username and password are used, and a wrong password is a recorded failure.
+    from aiosmtpd.controller import Controller
+    from aiosmtpd.smtp import AuthResult, LoginPassword
+
+    logins: list[tuple[str, str]] = []
+
+    def authenticator(server: Any, session: Any, envelope: Any, mechanism: str, data: Any) -> AuthResult:
+        assert isinstance(data, LoginPassword)
+        login = (data.login.decode(), data.password.decode())
+        logins.append(login)
+        return AuthResult(success=login == ("twin-hub", "s3cret"))
+
+    box = Mailbox(free_port())
+    controller = Controller(box, hostname="127.0.0.1", port=box.port, authenticator=authenticator,
+                            auth_required=True, auth_require_tls=False)
+    controller.start()
+    try:
+        for password, ok in (("s3cret", True), ("wrong", False)):
+            cfg = AlertsConfig.model_validate({
+                "builtin_rules": False, "rules": [PRESSURE],
+                "contacts": [{"name": "mail", "email": ["maint@site1.test"]}],
+                "smtp": {"host": "127.0.0.1", "port": box.port, "sender": "hub@twin.test", "username": "twin-hub",
+                         "password": password, "timeout_s": 2},
+                "notify": {**FAST_RETRY, "retry_attempts": 1}})
+            engine = AlertEngine(db, cfg, clock=lambda: T0)
+            engine._abnormal.clear()
+            with db.activate():
+                await Alert.all().delete()
+            await engine.evaluate_batch([reading(0.5, 0)])
+            assert await engine.notifier.wait_idle(15)
+            assert (engine.notifier.stats.delivered, engine.notifier.stats.failed) == ((1, 0) if ok else (0, 1))
+            await engine.notifier.close()
+    finally:
+        controller.stop()
+    assert logins == [("twin-hub", "s3cret"), ("twin-hub", "wrong")]
+    assert len(box.messages) == 1 and box.messages[0][1] == ["maint@site1.test"]

@@ -298,7 +298,10 @@ class Notifier:
             if smtp.starttls and not smtp.ssl:
                 client.starttls(context=ssl.create_default_context())
             if smtp.username:
-                client.login(smtp.username, smtp.password.get_secret_value() if smtp.password else "")
+                try:
+                    client.login(smtp.username, smtp.password.get_secret_value() if smtp.password else "")
+                except smtplib.SMTPAuthenticationError as exc:
+                    raise _Permanent(f"SMTP login refused: {exc.smtp_code}") from exc
             try:
                 refused = client.send_message(email)
             except (smtplib.SMTPRecipientsRefused, smtplib.SMTPSenderRefused) as exc:
