@@ -13,7 +13,7 @@ from typing import Annotated, Any, Literal
 from pydantic import BaseModel, ConfigDict, Field, SecretStr, ValidationError, model_validator
 
 from hub.alerts.rules import AlertsConfig
-from hub.billing.config import BillingConfig
+from hub.billing.config import BillingConfig, PaymentsConfig
 from protocol.ids import NAME_PATTERN
 from protocol.tomlconfig import ConfigError, load_toml, parse_toml
 
@@ -107,7 +107,9 @@ class HubConfig(_Section):
     alerts: AlertsConfig = AlertsConfig()
     """Alert rules, contacts, SMTP and notification limits (``docs/alerts.md``)."""
     billing: BillingConfig = BillingConfig()
-    """Plausibility limits of meter registers (``docs/billing.md``)."""
+    """Plausibility limits of meter registers, statements (``docs/billing.md``)."""
+    payments: PaymentsConfig = PaymentsConfig()
+    """Payment provider of statements (``docs/billing.md``, "Payments")."""
 
 
 # Environment variable -> (section, key). Handy for containers and for launchers that pick ports.

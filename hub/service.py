@@ -105,7 +105,8 @@ class Hub:
         self._tasks.append(asyncio.create_task(self.ingest.run(), name="hub-ingest"))
         app = create_app(ApiContext(db=self.db, status=self.config.status, ingest=self.ingest,
                                     metrics=self.metrics, rollout=self.rollout,
-                                    signals=self.signals, billing=self.config.billing))
+                                    signals=self.signals, billing=self.config.billing,
+                                    smtp=self.config.alerts.smtp, payments=self.config.payments))
         self._server = _Server(uvicorn.Config(
             app, host=self.config.http.host, port=self.config.http.port, log_config=None,
             access_log=False, lifespan="off", timeout_graceful_shutdown=3))

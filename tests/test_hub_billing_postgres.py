@@ -31,6 +31,19 @@ from tests.test_hub_billing_api import (  # noqa: F401 - collected here with the
     test_second_manual_reading_at_the_same_time_409,
 )
 from tests.test_hub_billing_migrate import test_existing_database_gets_the_billing_tables  # noqa: F401
+from tests.test_hub_billing_statements import (  # noqa: F401 - statements on PostgreSQL too
+    fake_stripe,
+    smtp,
+    test_checkout_session_for_a_statement,
+    test_concurrent_closes_never_share_a_number,
+    test_payment_of_another_amount_does_not_pay,
+    test_same_or_overlapping_period_409_and_numbers_stay_gap_free,
+    test_send_statement_to_the_supplier,
+    test_statements_cannot_be_changed,
+    test_stripe_webhook_marks_paid_idempotently,
+    test_unknown_statement_404,
+    test_worked_example_statement,
+)
 
 _numbers = itertools.count()
 

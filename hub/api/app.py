@@ -10,7 +10,8 @@ from fastapi import FastAPI
 from starlette.types import ASGIApp, Receive, Scope, Send
 
 from hub import __version__
-from hub.billing.config import BillingConfig
+from hub.alerts.rules import SmtpConfig
+from hub.billing.config import BillingConfig, PaymentsConfig
 from hub.config import StatusConfig
 from hub.db import Database
 from hub.ingest import Ingest, now_ms
@@ -37,6 +38,10 @@ class ApiContext:
     """Plausibility limits of meter registers (``[billing]``)."""
     signals: SignalBus = field(default_factory=SignalBus)
     """The hub's one signal bus (billing emits human-error signals, the alert engine listens)."""
+    smtp: SmtpConfig = field(default_factory=SmtpConfig)
+    """The mail server statements are e-mailed through (``[alerts.smtp]``)."""
+    payments: PaymentsConfig = field(default_factory=PaymentsConfig)
+    """The payment provider of statements (``[payments]``; off by default)."""
 
 
 class _ActivateDatabase:
@@ -64,6 +69,7 @@ def create_app(ctx: ApiContext) -> FastAPI:
     from hub.api.billing_routes import router as billing_router
     from hub.api.model_routes import router as models_router
     from hub.api.routes import metrics_router, router
+    from hub.api.statement_routes import router as statements_router
 
     app = FastAPI(
         title="Digital twin hub",
@@ -78,6 +84,7 @@ def create_app(ctx: ApiContext) -> FastAPI:
     app.include_router(models_router)
     app.include_router(alerts_router)
     app.include_router(billing_router)
+    app.include_router(statements_router)
     app.include_router(metrics_router)
     app.add_middleware(_ActivateDatabase, db=ctx.db)
     return app

@@ -96,3 +96,66 @@ class ManualReading(Model):
     class Meta:
         table = "manual_reading"
         unique_together = (("device", "ts_ms"),)
+
+
+class StatementCounter(Model):
+    """The last statement number issued in a year (one row per year). A close increments it inside
+    its transaction (``UPDATE ... SET last_number = last_number + 1``), which locks the row until commit: numbers
+    are gap-free and never issued twice, and closes are serialised."""
+
+    year = fields.IntField(primary_key=True)
+    last_number = fields.IntField(default=0)
+
+    class Meta:
+        table = "statement_counter"
+
+
+class Statement(Model):
+    """A closed billing period: immutable apart from ``status``/``paid_ms`` (payment) and the
+    ``sent_ms``/``send_attempts``/``send_error`` of its e-mail. ``document`` is the canonical JSON of
+    the statement and ``content_hash`` its SHA-256."""
+
+    id = fields.IntField(primary_key=True)
+    number = fields.CharField(max_length=32, unique=True)
+    target = fields.CharField(max_length=200)
+    """``meter:<uid>`` or ``site:<name>``."""
+    site = fields.CharField(max_length=64)
+    """The site of the meter (or the site itself): overlap checks look at every statement of a site."""
+    since_ms = fields.BigIntField()
+    until_ms = fields.BigIntField()
+    currency = fields.CharField(max_length=3)
+    total: Decimal = fields.DecimalField(max_digits=16, decimal_places=4)
+    document = fields.TextField()
+    content_hash = fields.CharField(max_length=64)
+    issued_ms = fields.BigIntField()
+    issued_by = fields.CharField(max_length=128, default="")
+    status = fields.CharField(max_length=16, default="issued")
+    paid_ms = fields.BigIntField(null=True)
+    sent_ms = fields.BigIntField(null=True)
+    send_attempts = fields.IntField(default=0)
+    send_error = fields.CharField(max_length=500, default="")
+
+    class Meta:
+        table = "statement"
+        unique_together = (("target", "since_ms", "until_ms"),)
+
+
+class Payment(Model):
+    """A payment of a statement reported by a provider; ``(provider, event_id)`` is unique, so a
+    webhook delivered twice records one payment."""
+
+    id = fields.IntField(primary_key=True)
+    statement: fields.ForeignKeyRelation[Statement] = fields.ForeignKeyField(
+        "models.Statement", related_name="payments", on_delete=fields.RESTRICT)
+    statement_id: int
+    provider = fields.CharField(max_length=32)
+    event_id = fields.CharField(max_length=255)
+    reference = fields.CharField(max_length=255, default="")
+    """The provider's id of the payment (e.g. the Stripe Checkout Session id)."""
+    amount: Decimal = fields.DecimalField(max_digits=16, decimal_places=4)
+    currency = fields.CharField(max_length=3)
+    created_ms = fields.BigIntField()
+
+    class Meta:
+        table = "payment"
+        unique_together = (("provider", "event_id"),)

@@ -1,0 +1,91 @@
+"""E-mail of a statement to the supplier through the hub's SMTP server (``[alerts.smtp]``, the same
+server and sending approach as alert e-mails): HTML body, plain-text alternative, PDF attached.
+``smtplib`` runs in a worker thread, off the event loop, and is retried with a doubling wait;
+a refused login, sender or recipient is final."""
+
+from __future__ import annotations
+
+import asyncio
+import smtplib
+import ssl
+from dataclasses import dataclass
+from email.message import EmailMessage
+from typing import Any
+
+from hub.alerts.rules import SmtpConfig
+from protocol.logs import get_logger
+
+log = get_logger("hub.billing.mail")
+
+
+class _Permanent(Exception):
+    """A failure another attempt cannot fix."""
+
+
+@dataclass(frozen=True)
+class SendResult:
+    """How sending ended."""
+
+    ok: bool
+    attempts: int
+    error: str = ""
+
+
+def build_message(document: dict[str, Any], html: str, pdf: bytes, sender: str, recipient: str) -> EmailMessage:
+    """The e-mail: subject with the number, text and HTML bodies, ``<number>.pdf`` attached."""
+    d = document
+    msg = EmailMessage()
+    msg["From"] = sender
+    msg["To"] = recipient
+    msg["Subject"] = f"Statement {d['number']}: {d['total']} {d['currency']} ({d['since'][:10]} to {d['until'][:10]})"
+    msg["X-Twin-Statement"] = d["number"]
+    msg.set_content(f"Statement {d['number']}\nPeriod {d['since']} to {d['until']}\nNet {d['net']} "
+                    f"{d['currency']}\nVAT {d['vat_total']} {d['currency']}\nTotal {d['total']} {d['currency']}\n"
+                    f"The statement is attached as PDF.\n")
+    msg.add_alternative(html, subtype="html")
+    msg.add_attachment(pdf, maintype="application", subtype="pdf", filename=f"{d['number']}.pdf")
+    return msg
+
+
+def _smtp_send(smtp: SmtpConfig, msg: EmailMessage) -> None:
+    client: smtplib.SMTP
+    if smtp.ssl:
+        client = smtplib.SMTP_SSL(smtp.host, smtp.port, timeout=smtp.timeout_s, context=ssl.create_default_context())
+    else:
+        client = smtplib.SMTP(smtp.host, smtp.port, timeout=smtp.timeout_s)
+    with client:
+        if smtp.starttls and not smtp.ssl:
+            client.starttls(context=ssl.create_default_context())
+        if smtp.username:
+            try:
+                client.login(smtp.username, smtp.password.get_secret_value() if smtp.password else "")
+            except smtplib.SMTPAuthenticationError as exc:
+                raise _Permanent(f"SMTP login refused: {exc.smtp_code}") from exc
+        try:
+            client.send_message(msg)
+        except (smtplib.SMTPRecipientsRefused, smtplib.SMTPSenderRefused) as exc:
+            raise _Permanent(f"SMTP refused: {exc}") from exc
+
+
+async def send(smtp: SmtpConfig, msg: EmailMessage, attempts: int, retry_s: float) -> SendResult:
+    """Send ``msg``, trying up to ``attempts`` times; never raises for SMTP or network errors."""
+    delay = retry_s
+    error = ""
+    for attempt in range(1, attempts + 1):
+        try:
+            await asyncio.to_thread(_smtp_send, smtp, msg)
+            log.info("statement_sent", statement=msg["X-Twin-Statement"], to=msg["To"], attempts=attempt)
+            return SendResult(True, attempt)
+        except _Permanent as exc:
+            error = str(exc)
+            log.error("statement_send_failed", statement=msg["X-Twin-Statement"], attempts=attempt, error=error)
+            return SendResult(False, attempt, error)
+        except (OSError, smtplib.SMTPException) as exc:
+            error = f"{type(exc).__name__}: {exc}"
+        if attempt < attempts:
+            log.warning("statement_send_retry", statement=msg["X-Twin-Statement"], attempt=attempt,
+                        retry_in_s=delay, error=error)
+            await asyncio.sleep(delay)
+            delay *= 2
+    log.error("statement_send_failed", statement=msg["X-Twin-Statement"], attempts=attempts, error=error)
+    return SendResult(False, attempts, error)
