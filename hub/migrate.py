@@ -65,6 +65,8 @@ async def before_generate(db: Database) -> list[str]:
 
 async def after_generate(db: Database) -> list[str]:
     """Upgrades that need the tables ``generate_schemas`` creates; returns what was done."""
+    from hub.billing import guard
+    await guard.install(db)  # statements are immutable at the database level too
     if db.dialect == "postgres":
         return []
     with db.activate():

@@ -13,7 +13,8 @@ from hub.db import Database
 from hub.store import Store, TelemetryItem
 from tests.hubtools import T0, series, telemetry
 
-BILLING_TABLES = ("tariff_band", "tariff_assignment", "tariff", "manual_reading")  # drop order
+BILLING_TABLES = ("payment", "statement", "statement_counter", "tariff_band", "tariff_assignment", "tariff",
+                  "manual_reading")  # drop order
 
 
 @pytest.fixture

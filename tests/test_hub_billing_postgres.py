@@ -36,6 +36,7 @@ from tests.test_hub_billing_statements import (  # noqa: F401 - statements on Po
     smtp,
     test_checkout_session_for_a_statement,
     test_concurrent_closes_never_share_a_number,
+    test_database_refuses_to_change_a_statement,
     test_payment_of_another_amount_does_not_pay,
     test_same_or_overlapping_period_409_and_numbers_stay_gap_free,
     test_send_statement_to_the_supplier,

@@ -446,3 +446,19 @@ def test_payments_config() -> None:
     cfg = parse_config('[payments]\nprovider = "stripe"\nstripe_secret_key = "sk_test_x"\n'
                        'stripe_webhook_secret = "whsec_x"\n')
     assert cfg.payments.stripe_secret_key is not None and "sk_test" not in repr(cfg.payments)
+
+
+async def test_database_refuses_to_change_a_statement(api: httpx.AsyncClient, db: Database) -> None:
+    await whole_day(api)
+    assert (await api.post("/api/v1/statements", json=DAY)).status_code == 201
+    before = await rows(db)
+    with db.activate():
+        for sql in ['UPDATE "statement" SET "total" = 1', 'UPDATE "statement" SET "document" = \'{}\'',
+                    'UPDATE "statement" SET "status" = \'void\'', 'DELETE FROM "statement"']:
+            with pytest.raises(Exception, match="immutable|deleted|issued to paid"):
+                await db.conn.execute_script(sql)
+    assert await rows(db) == before
+    with db.activate():  # what may change: payment status, e-mail bookkeeping
+        await bm.Statement.filter(number="ST-2026-000001").update(status="paid", paid_ms=1, send_attempts=2)
+        with pytest.raises(Exception, match="issued to paid"):
+            await db.conn.execute_script('UPDATE "statement" SET "status" = \'issued\'')
