@@ -455,10 +455,20 @@ async def test_database_refuses_to_change_a_statement(api: httpx.AsyncClient, db
     with db.activate():
         for sql in ['UPDATE "statement" SET "total" = 1', 'UPDATE "statement" SET "document" = \'{}\'',
                     'UPDATE "statement" SET "status" = \'void\'', 'DELETE FROM "statement"']:
-            with pytest.raises(Exception, match="immutable|deleted|issued to paid"):
+            with pytest.raises(Exception, match=r"immutable|deleted|issued to paid"):
                 await db.conn.execute_script(sql)
     assert await rows(db) == before
     with db.activate():  # what may change: payment status, e-mail bookkeeping
         await bm.Statement.filter(number="ST-2026-000001").update(status="paid", paid_ms=1, send_attempts=2)
         with pytest.raises(Exception, match="issued to paid"):
             await db.conn.execute_script('UPDATE "statement" SET "status" = \'issued\'')
+
+
+async def test_checkout_when_stripe_cannot_be_reached_502(db: Database) -> None:
+    async with client(db, payments=stripe_config(f"http://127.0.0.1:{free_port()}")) as api:  # nobody there
+        await whole_day(api)
+        assert (await api.post("/api/v1/statements", json=DAY)).status_code == 201
+        before = await rows(db)
+        r = await api.post("/api/v1/statements/ST-2026-000001/checkout")
+        assert r.status_code == 502 and "Stripe" in r.json()["detail"]
+        assert await rows(db) == before
