@@ -38,10 +38,8 @@ from fleet.configs import shipped_models, write_edge_config
 from fleet.procs import ReadyProcess
 from models.evaluate_skab import load_recipe, run_protocol
 from models.simdata import normal_series
-from models.skab import iter_experiments
+from models.skab import iter_experiments, skab_data_dir
 from protocol.profile import builtin_profile
-
-SKAB_DATA = Path(__file__).resolve().parents[2] / "shared" / "datasets" / "skab" / "data"
 
 
 class _Sink:
@@ -183,9 +181,10 @@ def bench_rss(seconds: float) -> dict[str, Any]:
 
 def bench_skab() -> dict[str, Any]:
     """The SKAB protocol through ONNX."""
-    if not SKAB_DATA.is_dir():
-        raise SystemExit(f"SKAB data missing at {SKAB_DATA} (see ../shared/datasets/skab/SOURCE.md)")
-    s = run_protocol(list(iter_experiments(SKAB_DATA)), load_recipe(), engine="onnx").summary()
+    data = skab_data_dir()
+    if not data.is_dir():
+        raise SystemExit(f"SKAB data missing at {data} (set SKAB_DATA; see ../shared/datasets/skab/SOURCE.md)")
+    s = run_protocol(list(iter_experiments(data)), load_recipe(), engine="onnx").summary()
     return {"skab_f1": s["f1"], "skab_far": s["far"], "skab_mar": s["mar"], "skab_files": s["files"]}
 
 

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import csv
 import math
+import os
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -33,6 +34,24 @@ COLUMNS: tuple[str, ...] = (
     "Voltage", "Volume Flow RateRMS",
 )
 LABEL = "anomaly"
+
+
+SKAB_ENV = "SKAB_DATA"
+_PROJECT = Path(__file__).resolve().parents[1]
+_CANDIDATES = (
+    _PROJECT.parent / "shared" / "datasets" / "skab" / "data",  # ../shared beside the checkout
+    Path("/work/shared/datasets/skab/data"),  # where the team's machines keep it, for clones elsewhere
+)
+
+
+def skab_data_dir() -> Path:
+    """SKAB's ``data/`` folder: ``$SKAB_DATA`` if set, else ``../shared/datasets/skab/data`` beside
+    the project, else the team machines' ``/work/shared/...``. The first candidate is returned when
+    none exists, so error messages name the expected place."""
+    env = os.environ.get(SKAB_ENV)
+    if env:
+        return Path(env)
+    return next((c for c in _CANDIDATES if c.is_dir()), _CANDIDATES[0])
 
 
 class SkabFormatError(ValueError):

@@ -18,7 +18,6 @@ from collections.abc import Sequence
 from pathlib import Path
 
 SHIPPED = Path(__file__).resolve().parent / "shipped"
-DEFAULT_SKAB = Path(__file__).resolve().parents[2] / "shared" / "datasets" / "skab" / "data"
 
 
 def _skab(args: argparse.Namespace) -> int:
@@ -49,7 +48,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     ap = argparse.ArgumentParser(prog="python -m models.train", description=__doc__.split("\n\n")[0])
     sub = ap.add_subparsers(dest="target", required=True)
     sk = sub.add_parser("skab", help="choose and calibrate the SKAB recipe")
-    sk.add_argument("--data", type=Path, default=DEFAULT_SKAB, help=f"SKAB data folder (default {DEFAULT_SKAB})")
+    sk.add_argument("--data", type=Path, default=None,
+                    help="SKAB data folder (default: $SKAB_DATA, else ../shared/datasets/skab/data)")
     sk.add_argument("--quantile", type=float, default=0.95,
                     help="threshold = this quantile of scores on normal data (default 0.95)")
     sk.add_argument("--seed", type=int, default=0)
@@ -62,6 +62,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     sm.add_argument("--out", type=Path, default=SHIPPED)
     sm.set_defaults(run=_sim)
     args = ap.parse_args(argv)
+    if args.target == "skab" and args.data is None:
+        from models.skab import skab_data_dir
+
+        args.data = skab_data_dir()
     if args.target == "skab" and not args.data.is_dir():
         print(f"error: SKAB data folder {args.data} not found (see ../shared/datasets/skab/SOURCE.md)", file=sys.stderr)
         return 2

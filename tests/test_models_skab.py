@@ -12,19 +12,19 @@ import numpy as np
 import pytest
 
 from models.evaluate_skab import load_recipe, main, run_protocol
-from models.skab import COLUMNS, TRAIN_ROWS, SkabFormatError, iter_experiments, read_experiment
+from models.skab import COLUMNS, TRAIN_ROWS, SkabFormatError, iter_experiments, read_experiment, skab_data_dir
 from models.train_skab import train_skab
 
 ROOT = Path(__file__).resolve().parents[1]
-SKAB = ROOT.parent / "shared" / "datasets" / "skab" / "data"
 HEADER = "datetime;" + ";".join(COLUMNS)
 
 
 def _skab_data() -> Path:
-    if not SKAB.is_dir():
-        pytest.fail(f"SKAB data set missing at {SKAB}: it is provided beside the project in ../shared "
-                    "(see ../shared/datasets/skab/SOURCE.md); these tests need it")
-    return SKAB
+    data = skab_data_dir()
+    if not data.is_dir():
+        pytest.fail(f"SKAB data set missing at {data}: it is provided beside the project in ../shared "
+                    "(see ../shared/datasets/skab/SOURCE.md), or set SKAB_DATA; these tests need it")
+    return data
 
 
 def _last_json(stdout: str) -> dict[str, float]:

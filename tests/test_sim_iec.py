@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import json
 import re
+import termios
 import time
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
@@ -32,10 +33,26 @@ class Readout:
     block_s: float
 
 
+def open_port(path: str, timeout: float) -> serial.Serial:
+    """The port at 300 baud 7E1, as a terminal opens it.
+
+    Linux ptys refuse (EINVAL) a configuration that changes nothing but data bits and parity
+    (firmware_sim/line.py). The simulator parks the pty's speed so that a client's next open is a
+    change, but a client can still come in before the park: then step through another speed, as a
+    terminal on a real line never needs to.
+    """
+    try:
+        return serial.Serial(path, 300, bytesize=7, parity="E", stopbits=1, timeout=timeout)
+    except termios.error:
+        port = serial.Serial(path, 600, bytesize=7, parity="E", stopbits=1, timeout=timeout)
+        port.baudrate = 300
+        return port
+
+
 def readout(path: str, *, sign_on: bytes = b"/?!\r\n", ack: bytes | None = None, ack_delay: float = 0.0,
             timeout: float = 3.0) -> Readout:
     """One mode C data readout, as a hand-held terminal does it (blocking: run it in a thread)."""
-    with serial.Serial(path, 300, bytesize=7, parity="E", stopbits=1, timeout=timeout) as port:
+    with open_port(path, timeout) as port:
         started = time.monotonic()
         port.write(sign_on)
         ident = port.readline()
