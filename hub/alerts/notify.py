@@ -18,8 +18,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import smtplib
-import ssl
 import time
 from collections import deque
 from collections.abc import Awaitable, Callable
@@ -30,6 +28,7 @@ from typing import Any, Literal
 import httpx
 
 from hub.alerts.rules import AlertsConfig, Contact, Severity
+from hub.mail import PermanentMailError, send_message
 from protocol.logs import get_logger
 
 log = get_logger("hub.alerts.notify")
@@ -288,26 +287,12 @@ class Notifier:
         email["Subject"] = message.subject
         email["X-Twin-Alert"] = str(message.alert.id)
         email.set_content(message.text)
-        client: smtplib.SMTP
-        if smtp.ssl:
-            client = smtplib.SMTP_SSL(smtp.host, smtp.port, timeout=smtp.timeout_s,
-                                      context=ssl.create_default_context())
-        else:
-            client = smtplib.SMTP(smtp.host, smtp.port, timeout=smtp.timeout_s)
-        with client:
-            if smtp.starttls and not smtp.ssl:
-                client.starttls(context=ssl.create_default_context())
-            if smtp.username:
-                try:
-                    client.login(smtp.username, smtp.password.get_secret_value() if smtp.password else "")
-                except smtplib.SMTPAuthenticationError as exc:
-                    raise _Permanent(f"SMTP login refused: {exc.smtp_code}") from exc
-            try:
-                refused = client.send_message(email)
-            except (smtplib.SMTPRecipientsRefused, smtplib.SMTPSenderRefused) as exc:
-                raise _Permanent(f"SMTP refused: {exc}") from exc
-            if refused:
-                log.warning("smtp_recipients_refused", refused=sorted(refused))
+        try:
+            refused = send_message(smtp, email)
+        except PermanentMailError as exc:
+            raise _Permanent(str(exc)) from exc
+        if refused:
+            log.warning("smtp_recipients_refused", refused=sorted(refused))
 
     async def wait_idle(self, within_s: float) -> bool:
         """Wait (at most ``within_s``) until every delivery finished; True if they did."""

@@ -7,12 +7,12 @@ from __future__ import annotations
 
 import asyncio
 import smtplib
-import ssl
 from dataclasses import dataclass
 from email.message import EmailMessage
 from typing import Any
 
 from hub.alerts.rules import SmtpConfig
+from hub.mail import PermanentMailError, send_message
 from protocol.logs import get_logger
 
 log = get_logger("hub.billing.mail")
@@ -48,23 +48,10 @@ def build_message(document: dict[str, Any], html: str, pdf: bytes, sender: str, 
 
 
 def _smtp_send(smtp: SmtpConfig, msg: EmailMessage) -> None:
-    client: smtplib.SMTP
-    if smtp.ssl:
-        client = smtplib.SMTP_SSL(smtp.host, smtp.port, timeout=smtp.timeout_s, context=ssl.create_default_context())
-    else:
-        client = smtplib.SMTP(smtp.host, smtp.port, timeout=smtp.timeout_s)
-    with client:
-        if smtp.starttls and not smtp.ssl:
-            client.starttls(context=ssl.create_default_context())
-        if smtp.username:
-            try:
-                client.login(smtp.username, smtp.password.get_secret_value() if smtp.password else "")
-            except smtplib.SMTPAuthenticationError as exc:
-                raise _Permanent(f"SMTP login refused: {exc.smtp_code}") from exc
-        try:
-            client.send_message(msg)
-        except (smtplib.SMTPRecipientsRefused, smtplib.SMTPSenderRefused) as exc:
-            raise _Permanent(f"SMTP refused: {exc}") from exc
+    try:
+        send_message(smtp, msg)
+    except PermanentMailError as exc:
+        raise _Permanent(str(exc)) from exc
 
 
 async def send(smtp: SmtpConfig, msg: EmailMessage, attempts: int, retry_s: float) -> SendResult:
