@@ -2,13 +2,19 @@
 
 from __future__ import annotations
 
+import email
+import email.message
+import email.policy
 import os
 from collections.abc import Iterator
+from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import pytest
 
 from fleet.broker import BrokerUnavailable, Mosquitto
+from fleet.net import free_port
 from fleet.postgres import PostgresCluster, PostgresUnavailable
 from tests.parts import missing_part
 
@@ -45,3 +51,33 @@ def postgres() -> Iterator[PostgresCluster]:
         yield cluster
     finally:
         cluster.cleanup()
+
+
+@dataclass
+class Mailbox:
+    """What the test SMTP server received: (envelope sender, recipients, parsed message)."""
+
+    port: int
+    messages: list[tuple[str, list[str], email.message.EmailMessage]] = field(default_factory=list)
+
+    async def handle_DATA(self, server: Any, session: Any, envelope: Any) -> str:
+        msg = email.message_from_bytes(envelope.content, policy=email.policy.default)
+        assert isinstance(msg, email.message.EmailMessage)
+        self.messages.append((envelope.mail_from, list(envelope.rcpt_tos), msg))
+        return "250 OK"
+
+
+@pytest.fixture
+def smtp() -> Iterator[Mailbox]:
+    """A real SMTP server (aiosmtpd) on a free 127.0.0.1 port, in its own thread."""
+    try:
+        from aiosmtpd.controller import Controller
+    except ImportError:
+        missing_part("aiosmtpd (an SMTP server for the tests)", ".venv/bin/pip install -e '.[dev]'")
+    box = Mailbox(free_port())
+    controller = Controller(box, hostname="127.0.0.1", port=box.port)
+    controller.start()
+    try:
+        yield box
+    finally:
+        controller.stop()

@@ -4,8 +4,6 @@ receiver; retry after a server error, the rate limit against a flapping sensor, 
 from __future__ import annotations
 
 import asyncio
-import email
-import email.policy
 import json
 import threading
 from collections.abc import AsyncIterator, Iterator
@@ -22,40 +20,12 @@ from hub.alerts.models import Alert
 from hub.alerts.rules import AlertsConfig
 from hub.db import Database
 from hub.store import TelemetryItem
+from tests.conftest import Mailbox
 from tests.hubtools import T0, telemetry, wait_until
-from tests.parts import missing_part
 
 PRESSURE = {"type": "threshold", "name": "pressure", "profile": "sim-boiler", "metric": "pressure",
             "below": 0.8, "above": 2.8, "severity": "critical"}
 FAST_RETRY = {"retry_attempts": 3, "retry_base_s": 0.05, "retry_max_s": 0.2, "webhook_timeout_s": 5}
-
-
-@dataclass
-class Mailbox:
-    port: int
-    messages: list[tuple[str, list[str], email.message.EmailMessage]] = field(default_factory=list)
-
-    async def handle_DATA(self, server: Any, session: Any, envelope: Any) -> str:
-        msg = email.message_from_bytes(envelope.content, policy=email.policy.default)
-        assert isinstance(msg, email.message.EmailMessage)
-        self.messages.append((envelope.mail_from, list(envelope.rcpt_tos), msg))
-        return "250 OK"
-
-
-@pytest.fixture
-def smtp() -> Iterator[Mailbox]:
-    """A real SMTP server (aiosmtpd) on a free 127.0.0.1 port, in its own thread."""
-    try:
-        from aiosmtpd.controller import Controller
-    except ImportError:
-        missing_part("aiosmtpd (an SMTP server for the tests)", ".venv/bin/pip install -e '.[dev]'")
-    box = Mailbox(free_port())
-    controller = Controller(box, hostname="127.0.0.1", port=box.port)
-    controller.start()
-    try:
-        yield box
-    finally:
-        controller.stop()
 
 
 @dataclass

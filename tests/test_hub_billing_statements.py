@@ -9,8 +9,6 @@ The worked example: the seeded meter on the 23-hour day 2026-03-29 (Europe/Londo
 from __future__ import annotations
 
 import asyncio
-import email
-import email.policy
 import hashlib
 import hmac
 import io
@@ -34,7 +32,7 @@ from hub.billing import models as bm
 from hub.billing.config import BillingConfig, PaymentsConfig
 from hub.db import Database
 from tests import test_hub_billing_api as base
-from tests.parts import missing_part
+from tests.conftest import Mailbox
 from tests.test_hub_billing_api import BOILER, METER, NOW, post_economy7
 
 db_url = base.db_url  # fixtures: the seeded database (SQLite here, PostgreSQL in test_hub_billing_postgres.py)
@@ -42,34 +40,6 @@ db = base.db
 
 WHSEC = "whsec_test_secret"
 DAY = {"meter": METER, "since": "2026-03-29T00:00:00Z", "until": "2026-03-29T23:00:00Z"}
-
-
-@dataclass
-class Mailbox:
-    port: int
-    messages: list[tuple[str, list[str], email.message.EmailMessage]] = field(default_factory=list)
-
-    async def handle_DATA(self, server: Any, session: Any, envelope: Any) -> str:
-        msg = email.message_from_bytes(envelope.content, policy=email.policy.default)
-        assert isinstance(msg, email.message.EmailMessage)
-        self.messages.append((envelope.mail_from, list(envelope.rcpt_tos), msg))
-        return "250 OK"
-
-
-@pytest.fixture
-def smtp() -> Iterator[Mailbox]:
-    """A real SMTP server (aiosmtpd) on a free 127.0.0.1 port."""
-    try:
-        from aiosmtpd.controller import Controller
-    except ImportError:
-        missing_part("aiosmtpd (an SMTP server for the tests)", ".venv/bin/pip install -e '.[dev]'")
-    box = Mailbox(free_port())
-    controller = Controller(box, hostname="127.0.0.1", port=box.port)
-    controller.start()
-    try:
-        yield box
-    finally:
-        controller.stop()
 
 
 @dataclass
