@@ -22,6 +22,25 @@ def _redact(_: Any, __: str, event: dict[str, Any]) -> dict[str, Any]:
     return event
 
 
+class _StderrHandler(logging.StreamHandler):  # type: ignore[type-arg]
+    """Writes to whatever ``sys.stderr`` is at the time of each record, not at configuration.
+
+    A process that swaps stderr (pytest's capture, a daemon redirecting it) would otherwise leave
+    the handler on a closed stream, and every later record from any thread would fail to print.
+    """
+
+    def __init__(self) -> None:
+        super().__init__(sys.stderr)
+
+    @property
+    def stream(self) -> Any:
+        return sys.stderr
+
+    @stream.setter
+    def stream(self, _value: Any) -> None:
+        pass
+
+
 def configure_logging(level: str = "INFO", json: bool | None = None) -> None:
     """Configure structlog and stdlib logging; ``json=None`` picks JSON unless stderr is a TTY."""
     if json is None:
@@ -41,7 +60,7 @@ def configure_logging(level: str = "INFO", json: bool | None = None) -> None:
         wrapper_class=structlog.stdlib.BoundLogger,
         cache_logger_on_first_use=True,
     )
-    handler = logging.StreamHandler(sys.stderr)
+    handler = _StderrHandler()
     handler.setFormatter(structlog.stdlib.ProcessorFormatter(
         foreign_pre_chain=shared,
         processors=[structlog.stdlib.ProcessorFormatter.remove_processors_meta,
