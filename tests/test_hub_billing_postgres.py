@@ -33,7 +33,6 @@ from tests.test_hub_billing_api import (  # noqa: F401 - collected here with the
 from tests.test_hub_billing_migrate import test_existing_database_gets_the_billing_tables  # noqa: F401
 from tests.test_hub_billing_statements import (  # noqa: F401 - statements on PostgreSQL too
     fake_stripe,
-    smtp,
     test_checkout_session_for_a_statement,
     test_concurrent_closes_never_share_a_number,
     test_database_refuses_to_change_a_statement,
