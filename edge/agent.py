@@ -110,8 +110,14 @@ class EdgeAgent:
         log.debug("edge_stopping_writer_done")
         await self.uplink.announce_offline()
         log.debug("edge_stopping_offline_announced")
+        self.uplink.stop()
         uplink.cancel()
-        await asyncio.gather(uplink, return_exceptions=True)
+        _, stuck = await asyncio.wait([uplink], timeout=3)
+        if stuck:  # the cancel was lost in a connect (see Uplink.stop): ask again, then go on regardless
+            uplink.cancel()
+            _, stuck = await asyncio.wait([uplink], timeout=2)
+            if stuck:
+                log.warning("edge_stopping_tasks_left", tasks=["uplink"])
         crashed.cancel()
         stop.cancel()
         self.engine.close()

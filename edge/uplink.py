@@ -48,6 +48,7 @@ class Uplink:
 
     def __init__(self, cfg: EdgeConfig, buffer: ReadingBuffer, devices: dict[str, tuple[str, str]],
                  metrics: EdgeMetrics) -> None:
+        self._stopped = False
         self.cfg = cfg
         self.buffer = buffer
         self.devices = devices
@@ -87,12 +88,23 @@ class Uplink:
             will=aiomqtt.Will(self.status_topic, self._status(GatewayState.OFFLINE), qos=1, retain=True),
         )
 
+    def stop(self) -> None:
+        """Make :meth:`run` return at its next step even if a cancel was lost.
+
+        Python 3.11's ``asyncio.wait_for`` can swallow a cancel that lands as a connection completes
+        (aiomqtt connects through it), and the uplink then went on forwarding; shutdown waited forever.
+        """
+        self._stopped = True
+
     async def run(self) -> None:
-        """Connect, forward, reconnect with exponential back-off and jitter; runs until cancelled."""
+        """Connect, forward, reconnect with exponential back-off and jitter; runs until cancelled
+        (or :meth:`stop`)."""
         delay = self.cfg.mqtt.reconnect_min_s
-        while True:
+        while not self._stopped:
             try:
                 async with self._client_for_session() as client:
+                    if self._stopped:
+                        return
                     # aiomqtt warns above 10 pending publishes; max_inflight may be more by design.
                     client.pending_calls_threshold = self.cfg.mqtt.max_inflight + 2
                     self._client = client
@@ -106,6 +118,8 @@ class Uplink:
                     log.info("mqtt_connected", host=self.cfg.mqtt.host, port=self.cfg.mqtt.port,
                              backlog=self.buffer.backlog)
                     delay = self.cfg.mqtt.reconnect_min_s
+                    if self._stopped:
+                        return
                     await self._session(client)
             except aiomqtt.MqttError as exc:
                 self.metrics.mqtt_reconnects.inc()

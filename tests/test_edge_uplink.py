@@ -191,3 +191,20 @@ async def test_live_readings_overtake_a_large_backlog(mosquitto: Mosquitto, tmp_
     assert order[live_at - 1][1] > 40_000  # most of the day-old backlog was still waiting
     backlog_firsts = [v for v, _ in order if v not in (59_000.0, -1.0)]
     assert backlog_firsts == sorted(backlog_firsts)  # the rest went oldest first
+
+
+async def test_stop_ends_the_uplink_even_without_a_cancel(mosquitto: Mosquitto, tmp_path: Path) -> None:
+    # Python 3.11's wait_for can lose a cancel that lands as aiomqtt's connect completes; the agent
+    # then relies on stop(): run() must return by itself, before and during a connect.
+    buf = await new_buffer(tmp_path)
+    early = Uplink(config(mosquitto, tmp_path), buf, DEVICES, EdgeMetrics())
+    early.stop()
+    await asyncio.wait_for(early.run(), 5)  # stopped before the first connect: returns at once
+    assert not early.connected.is_set()
+    up = Uplink(config(mosquitto, tmp_path), buf, DEVICES, EdgeMetrics())
+    task = asyncio.create_task(up.run())
+    await asyncio.sleep(0)  # the connect has started
+    up.stop()
+    await asyncio.wait_for(task, 10)  # no cancel: returns once the connect completes
+    assert task.done() and not task.cancelled() and task.exception() is None
+    await buf.close()
