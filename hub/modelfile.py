@@ -16,6 +16,7 @@ from typing import Any
 
 from pydantic import ValidationError
 
+from hub.errors import RequestRefused
 from protocol.anomaly import (
     CARD_METADATA_KEY,
     INPUT_NAME,
@@ -31,13 +32,8 @@ from protocol.anomaly import (
 _FLOAT = "tensor(float)"
 
 
-class ModelRejected(ValueError):
-    """An upload the hub refuses; ``status`` is the HTTP status to answer with, the message says why."""
-
-    def __init__(self, status: int, message: str) -> None:
-        super().__init__(message)
-        self.status = status
-        self.message = message
+class ModelRejected(RequestRefused):
+    """An upload the hub refuses (``status``, ``message``: see :class:`RequestRefused`)."""
 
 
 @dataclass(frozen=True, slots=True)

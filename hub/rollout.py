@@ -35,6 +35,7 @@ from typing import Any, Protocol
 from tortoise.exceptions import IntegrityError
 
 from hub.db import Database
+from hub.errors import RequestRefused
 from hub.metrics import HubMetrics
 from hub.modelfile import CheckedModel
 from hub.models import Gateway
@@ -55,13 +56,8 @@ _ASSIGNMENT_FIELDS = ("profile", "scope", "assigned_ms", "assigned_by", "model__
                       "model__profile", "model__sha256", "model__size")
 
 
-class RegistryError(Exception):
-    """A registry request that cannot be done; ``status`` is the HTTP status, the message says why."""
-
-    def __init__(self, status: int, message: str) -> None:
-        super().__init__(message)
-        self.status = status
-        self.message = message
+class RegistryError(RequestRefused):
+    """A registry request that cannot be done (``status``, ``message``: see :class:`RequestRefused`)."""
 
 
 @dataclass(frozen=True, slots=True)

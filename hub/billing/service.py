@@ -21,6 +21,7 @@ from hub.billing.consumption import Kind, RegisterReading, Series, Source, delta
 from hub.billing.cost import Bill, CostError, bill
 from hub.billing.tariffs import Assignment, Band, Scope, Tariff, timeline
 from hub.db import Database
+from hub.errors import RequestRefused
 from hub.models import Reading, Site
 from hub.queries import DeviceRow
 
@@ -30,13 +31,8 @@ MAX_COST_RANGE_MS = 367 * 86_400_000
 """Longest range one cost request may cover."""
 
 
-class BillingError(Exception):
-    """A request billing refuses; ``status`` is the HTTP status to answer with."""
-
-    def __init__(self, status: int, message: str) -> None:
-        super().__init__(message)
-        self.status = status
-        self.message = message
+class BillingError(RequestRefused):
+    """A request billing refuses (``status``, ``message``: see :class:`RequestRefused`)."""
 
 
 class ImplausibleReading(BillingError):
