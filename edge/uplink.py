@@ -58,14 +58,20 @@ class Uplink:
         self.telemetry_topic = topics.telemetry_topic(self.site, self.gateway)
         self.status_topic = topics.status_topic(self.site, self.gateway)
         self.events_topic = topics.events_topic(self.site, self.gateway)
-        self.models_topic = topics.models_topic(self.site, self.gateway)
         self.connected = asyncio.Event()
         self._client: aiomqtt.Client | None = None
         self.model_status: Callable[[], dict[str, ActiveModelV1]] | None = None
         """Reports the anomaly model per profile for the status message (set by the agent)."""
-        self.on_assignment: Callable[[bytes], None] | None = None
-        """Takes each message of the models topic; when set, the session subscribes to it."""
+        self._downlink: dict[str, Callable[[bytes], None]] = {}
+        """Hub-to-gateway topics the session subscribes to, each with the handler of its messages."""
         self._status_dirty = asyncio.Event()
+
+    def on_downlink(self, channel: topics.Channel, handler: Callable[[bytes], None]) -> None:
+        """Subscribe to this gateway's ``channel`` (``models``, ``config``, ``commands``) on every
+        session and hand each payload to ``handler`` on the event loop (it must not block)."""
+        if channel not in topics.DOWNLINK_CHANNELS:
+            raise ValueError(f"{channel!r} is not a hub-to-gateway channel")
+        self._downlink[topics.channel_topic(channel, self.site, self.gateway)] = handler
 
     def status_changed(self) -> None:
         """Publish the retained status again (the models changed)."""
@@ -110,9 +116,9 @@ class Uplink:
                     self._client = client
                     self._status_dirty.clear()
                     await client.publish(self.status_topic, self._status(GatewayState.ONLINE), qos=1, retain=True)
-                    if self.on_assignment is not None:
-                        # Retained: the current assignment arrives on every (re)connect.
-                        await client.subscribe(self.models_topic, qos=1)
+                    for topic in self._downlink:
+                        # models/config are retained: the current ones arrive on every (re)connect.
+                        await client.subscribe(topic, qos=1)
                     self.connected.set()
                     self.metrics.mqtt_connected.set(1)
                     log.info("mqtt_connected", host=self.cfg.mqtt.host, port=self.cfg.mqtt.port,
@@ -137,7 +143,7 @@ class Uplink:
         one of them fails (the connection is gone); then stop the others and raise."""
         tasks = [asyncio.create_task(self._forward(client), name="uplink-forward"),
                  asyncio.create_task(self._status_updates(client), name="uplink-status")]
-        if self.on_assignment is not None:
+        if self._downlink:
             tasks.append(asyncio.create_task(self._receive(client), name="uplink-receive"))
         try:
             done, _ = await asyncio.wait(tasks, return_when=asyncio.FIRST_COMPLETED)
@@ -159,13 +165,14 @@ class Uplink:
 
     async def _receive(self, client: aiomqtt.Client) -> None:
         async for msg in client.messages:
-            if self.on_assignment is not None and msg.topic.matches(self.models_topic):
-                payload = msg.payload
-                try:
-                    self.on_assignment(bytes(payload) if isinstance(payload, bytes | bytearray)
-                                       else str(payload).encode())
-                except Exception as exc:  # a bad assignment must not cost the connection
-                    log.exception("model_assignment_not_taken", error=repr(exc))
+            handler = self._downlink.get(msg.topic.value)
+            if handler is None:
+                continue
+            payload = msg.payload
+            try:
+                handler(bytes(payload) if isinstance(payload, bytes | bytearray) else str(payload).encode())
+            except Exception as exc:  # a bad message must not cost the connection
+                log.exception("downlink_message_not_taken", topic=msg.topic.value, error=repr(exc))
 
     async def _forward(self, client: aiomqtt.Client) -> None:
         """Hand readings to the broker: live ones first, the backlog in between.

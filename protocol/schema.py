@@ -150,6 +150,12 @@ class EventType(StrEnum):
     MODEL_ACTIVATED = "model_activated"  # a new model version was loaded and is scoring
     MODEL_REJECTED = "model_rejected"  # an assigned model failed download, hash, load or self-test
     MODEL_ROLLED_BACK = "model_rolled_back"  # an active model misbehaved (NaN scores): previous one restored
+    CONFIG_APPLIED = "config_applied"  # a remote configuration was validated and is running (details.version)
+    CONFIG_REJECTED = "config_rejected"  # ... was invalid; the working one still runs (details.version, .error)
+    COMMAND_APPLIED = "command_applied"  # a command was carried out (details.command_id, .point, .value)
+    COMMAND_REFUSED = "command_refused"  # ... was refused before touching the device (outside safe range,
+    # expired, unknown device or point); details.reason says which
+    COMMAND_FAILED = "command_failed"  # ... was allowed but the device write failed (timeout, exception)
 
 
 class EventV1(_Strict):
@@ -201,6 +207,47 @@ class ModelAssignmentV1(_Strict):
         return self
 
 
+class GatewayConfigV1(_Strict):
+    """Retained hub-to-gateway message (topic ``twin/v1/{site}/{gateway}/config``): the device
+    configuration the gateway must run.
+
+    ``config`` holds the gateway's ``[[devices]]`` (and, optionally, ``[[serial_ports]]``) tables as
+    JSON, in the edge configuration's own format; the gateway validates it completely and answers
+    with a ``config_applied`` or ``config_rejected`` event naming ``version``. A gateway that cannot
+    use it keeps running the configuration it has.
+    """
+
+    v: Literal[1] = 1
+    site: Name
+    gateway: Name
+    ts: TimestampMs
+    version: Annotated[int, Field(ge=1)]
+    """Increases by one with every change made at the hub."""
+    config: dict[str, Any]
+
+
+class CommandV1(_Strict):
+    """Hub-to-gateway command (topic ``twin/v1/{site}/{gateway}/commands``, QoS 1, not retained):
+    write ``value`` to the writable point ``point`` of ``device``.
+
+    The gateway checks the point's safe range from the device profile again (the hub checked it
+    first) and answers with a ``command_applied`` / ``command_refused`` / ``command_failed`` event
+    whose ``details.command_id`` is ``id``. A command received after ``expires`` is refused: a
+    setpoint must not be written hours later because a gateway was offline.
+    """
+
+    v: Literal[1] = 1
+    site: Name
+    gateway: Name
+    ts: TimestampMs
+    id: Annotated[str, Field(pattern=r"^[A-Za-z0-9_-]{1,64}$")]
+    expires: TimestampMs
+    device: Name
+    point: Name
+    value: float
+    issued_by: Annotated[str, Field(max_length=64)] = ""
+
+
 Telemetry = TelemetryV1
 Status = StatusV1
 Event = EventV1
@@ -210,6 +257,8 @@ _TELEMETRY: dict[int, TypeAdapter[Any]] = {1: TypeAdapter(TelemetryV1)}
 _STATUS: dict[int, TypeAdapter[Any]] = {1: TypeAdapter(StatusV1)}
 _EVENT: dict[int, TypeAdapter[Any]] = {1: TypeAdapter(EventV1)}
 _ASSIGNMENT: dict[int, TypeAdapter[Any]] = {1: TypeAdapter(ModelAssignmentV1)}
+_GATEWAY_CONFIG: dict[int, TypeAdapter[Any]] = {1: TypeAdapter(GatewayConfigV1)}
+_COMMAND: dict[int, TypeAdapter[Any]] = {1: TypeAdapter(CommandV1)}
 
 
 class SchemaError(ValueError):
@@ -269,6 +318,18 @@ def decode_event(payload: bytes, expect_version: int | None = None) -> Event:
 def decode_model_assignment(payload: bytes, expect_version: int | None = None) -> ModelAssignment:
     """Validate a model-assignment payload (hub to gateway); raises :class:`SchemaError`."""
     result: ModelAssignment = _decode(_ASSIGNMENT, payload, expect_version)
+    return result
+
+
+def decode_gateway_config(payload: bytes, expect_version: int | None = None) -> GatewayConfigV1:
+    """Validate a remote-configuration payload (hub to gateway); raises :class:`SchemaError`."""
+    result: GatewayConfigV1 = _decode(_GATEWAY_CONFIG, payload, expect_version)
+    return result
+
+
+def decode_command(payload: bytes, expect_version: int | None = None) -> CommandV1:
+    """Validate a command payload (hub to gateway); raises :class:`SchemaError`."""
+    result: CommandV1 = _decode(_COMMAND, payload, expect_version)
     return result
 
 

@@ -12,9 +12,13 @@ from typing import Literal
 from protocol.ids import is_valid_name
 
 ROOT = "twin"
-Channel = Literal["telemetry", "status", "events", "models"]
-CHANNELS: tuple[Channel, ...] = ("telemetry", "status", "events", "models")
-"""``models`` is the only channel the hub publishes on (retained, to one gateway); the rest flow up."""
+Channel = Literal["telemetry", "status", "events", "models", "config", "commands"]
+CHANNELS: tuple[Channel, ...] = ("telemetry", "status", "events", "models", "config", "commands")
+UPLINK_CHANNELS: tuple[Channel, ...] = ("telemetry", "status", "events")
+"""Channels a gateway publishes on; the broker ACL lets a gateway write these under its own prefix only."""
+DOWNLINK_CHANNELS: tuple[Channel, ...] = ("models", "config", "commands")
+"""Channels the hub publishes on, each to one gateway (``models`` and ``config`` retained); a gateway
+may read only its own."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -45,6 +49,21 @@ def events_topic(site: str, gateway: str, version: int = 1) -> str:
 def models_topic(site: str, gateway: str, version: int = 1) -> str:
     """Retained topic on which the hub tells one gateway which anomaly models to run."""
     return f"{ROOT}/v{version}/{site}/{gateway}/models"
+
+
+def config_topic(site: str, gateway: str, version: int = 1) -> str:
+    """Retained topic on which the hub sends one gateway its device configuration (remote config)."""
+    return f"{ROOT}/v{version}/{site}/{gateway}/config"
+
+
+def commands_topic(site: str, gateway: str, version: int = 1) -> str:
+    """Topic on which the hub sends one gateway commands (setpoint writes); QoS 1, never retained."""
+    return f"{ROOT}/v{version}/{site}/{gateway}/commands"
+
+
+def channel_topic(channel: Channel, site: str, gateway: str, version: int = 1) -> str:
+    """Topic of any channel of one gateway."""
+    return f"{ROOT}/v{version}/{site}/{gateway}/{channel}"
 
 
 def subscription(channel: Channel, version: int | None = None, share_group: str | None = None) -> str:

@@ -8,11 +8,15 @@ import pytest
 
 from protocol import topics
 from protocol.schema import (
+    CommandV1,
+    GatewayConfigV1,
     GatewayState,
     Quality,
     SchemaError,
     StatusV1,
     TelemetryV1,
+    decode_command,
+    decode_gateway_config,
     decode_status,
     decode_telemetry,
     encode,
@@ -102,6 +106,21 @@ def test_topics() -> None:
     t = topics.parse_topic("twin/v1/site-1/gw-1/telemetry")
     assert (t.version, t.site, t.gateway, t.channel) == (1, "site-1", "gw-1", "telemetry")
     for bad in ("twin/v1/site/telemetry", "other/v1/s/g/telemetry", "twin/x1/s/g/telemetry",
-                "twin/v1/s/g/commands", "twin/v1/s!/g/status"):
+                "twin/v1/s/g/orders", "twin/v1/s!/g/status"):
         with pytest.raises(ValueError):
             topics.parse_topic(bad)
+
+
+def test_downlink_messages_round_trip() -> None:
+    assert topics.config_topic("s", "g") == "twin/v1/s/g/config"
+    assert topics.commands_topic("s", "g") == "twin/v1/s/g/commands"
+    assert set(topics.UPLINK_CHANNELS) | set(topics.DOWNLINK_CHANNELS) == set(topics.CHANNELS)
+    cmd = CommandV1(site="s", gateway="g", ts=1, id="c-1", expires=2, device="boiler-1", point="flow_setpoint",
+                    value=70.5, issued_by="tech")
+    assert decode_command(encode(cmd)) == cmd
+    with pytest.raises(SchemaError, match="id"):
+        decode_command(encode(cmd).replace(b'"c-1"', b'"c 1"'))
+    cfg = GatewayConfigV1(site="s", gateway="g", ts=1, version=3, config={"devices": []})
+    assert decode_gateway_config(encode(cfg)).version == 3
+    with pytest.raises(SchemaError, match="version"):
+        decode_gateway_config(encode(cfg).replace(b'"version":3', b'"version":0'))

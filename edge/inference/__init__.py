@@ -67,7 +67,7 @@ def wire_inference(cfg: EdgeConfig, profiles: dict[str, DeviceProfile], buffer: 
         local_models={m.profile: m.path for m in cfg.models}, hub_url=cfg.inference.hub_url,
         download_timeout_s=cfg.inference.download_timeout_s)
     uplink.model_status = rollout.status
-    uplink.on_assignment = rollout.handle_assignment
+    uplink.on_downlink("models", rollout.handle_assignment)
     rollout.on_status_change = uplink.status_changed
     return engine, scorer, rollout
 
