@@ -11,6 +11,7 @@ import sys
 
 from edge import __version__
 from edge.buffer import ReadingBuffer
+from edge.commands import CommandGuard
 from edge.config import EdgeConfig
 from edge.drivers.registry import build_drivers, point_intervals
 from edge.inference import wire_inference
@@ -51,7 +52,18 @@ class EdgeAgent:
                          point_intervals(profiles[d.name]))
             for d in cfg.devices
         ]
+        # Setpoint commands from the hub: checked against the profiles' safe ranges, written
+        # through the device's poller, answered with an event through the buffer.
+        self.commands = CommandGuard(cfg.gateway.site, cfg.gateway.name, self._command_target, self.buffer,
+                                     self.metrics)
+        self.uplink.on_downlink("commands", self.commands.handle)
         self._stop = asyncio.Event()
+
+    def _command_target(self, device: str) -> tuple[DeviceProfile, DevicePoller] | None:
+        """The profile and poller of ``device`` as configured now (for :class:`CommandGuard`)."""
+        poller = next((p for p in self.pollers if p.name == device), None)
+        profile = self.profiles.get(device)
+        return None if poller is None or profile is None else (profile, poller)
 
     def stop(self) -> None:
         """Ask the agent to shut down (signal handlers call this)."""
@@ -97,6 +109,7 @@ class EdgeAgent:
             p.stop()
         for t in (*polls, gauges, *scoring):
             t.cancel()
+        await self.commands.close()
         _, stuck = await asyncio.wait([*polls, gauges, *scoring], timeout=3)
         for t in stuck:  # a cancel swallowed by a library: ask again, then go on regardless
             t.cancel()

@@ -54,6 +54,9 @@ class EdgeMetrics:
                                          registry=r)
         self.model_rollbacks = Counter("twin_edge_model_rollbacks", "Active models rolled back after failing live",
                                        ["profile"], registry=r)
+        # Setpoint commands from the hub (edge/commands.py).
+        self.commands = Counter("twin_edge_commands", "Hub commands by outcome (applied, refused, failed, "
+                                "duplicate, malformed) and reason", ["outcome", "reason"], registry=r)
 
     def serve(self, host: str, port: int) -> None:
         """Start the exporter thread (prometheus_client's own HTTP server)."""

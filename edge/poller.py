@@ -17,7 +17,7 @@ from edge.drivers.base import DeviceError, Driver
 from edge.metrics import EdgeMetrics
 from edge.reading import Reading
 from protocol.logs import get_logger
-from protocol.schema import Quality
+from protocol.schema import Quality, Value
 
 log = get_logger("edge.poller")
 
@@ -61,6 +61,9 @@ class DevicePoller:
         self.metrics = metrics
         self.failures = 0
         self._stopping = False
+        self._io = asyncio.Lock()
+        """Held around every read and write: a setpoint write goes out between two polls, never
+        interleaved with one on the same connection."""
 
     def stop(self) -> None:
         """Ask :meth:`run` to end after the current poll (cancellation alone is not enough: on
@@ -75,7 +78,8 @@ class DevicePoller:
         ts = time.time_ns() // 1_000_000
         t0 = time.perf_counter()
         try:
-            results = await self.driver.read(None if metrics is None else wanted)
+            async with self._io:
+                results = await self.driver.read(None if metrics is None else wanted)
         except DeviceError as exc:
             self.metrics.poll_errors.labels(self.name, exc.kind).inc()
             self.metrics.polls.labels(self.name, "failed").inc()
@@ -113,6 +117,13 @@ class DevicePoller:
         self.failures = 0
         self.metrics.polls.labels(self.name, "partial" if errors else "ok").inc()
         return readings
+
+    async def write(self, point: str, value: float) -> Value:
+        """Write a setpoint through this device's driver once the poll in progress (if any) has
+        finished; returns the value read back. Raises :class:`DeviceError` like
+        :meth:`edge.drivers.base.Driver.write`."""
+        async with self._io:
+            return await self.driver.write(point, value)
 
     def _next_delay(self) -> float:
         """Back-off after ``failures`` consecutive failed polls (0 when healthy)."""

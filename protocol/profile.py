@@ -52,7 +52,9 @@ class Point(BaseModel):
     description: str = ""
     writable: bool = False
     min: float | None = None
+    """Lowest value a write may set (the safe range; required when ``writable``)."""
     max: float | None = None
+    """Highest value a write may set (the safe range; required when ``writable``)."""
     interval_s: Annotated[float, Field(ge=0.005, le=86_400)] | None = None
     """Poll this point at this interval instead of the device's ``poll_interval_s`` (counters
     that change slowly need not be read as often as temperatures)."""
@@ -76,7 +78,31 @@ class Point(BaseModel):
             raise ValueError("point runs past register 65535")
         if self.min is not None and self.max is not None and self.min > self.max:
             raise ValueError("min is greater than max")
+        if self.writable:
+            self._check_safe_range()
         return self
+
+    def _check_safe_range(self) -> None:
+        # A setpoint write is checked against [min, max] at the hub and again at the gateway; a
+        # writable point without a range would let any number through to the device.
+        if self.min is None or self.max is None:
+            raise ValueError(f"writable point {self.name!r} needs a safe range: set both 'min' and 'max'")
+        if not (math.isfinite(self.min) and math.isfinite(self.max)):
+            raise ValueError(f"writable point {self.name!r}: 'min' and 'max' must be finite numbers")
+        if self.type == "string":
+            raise ValueError(f"string point {self.name!r} cannot be writable (commands carry numbers)")
+        if self.type == "bool":
+            if self.bit is not None:
+                # Writing one bit means read-modify-write of a register other points share.
+                raise ValueError(f"bool point {self.name!r} kept in one bit cannot be writable")
+            return
+        if self.type in _INT_RAW_RANGE:
+            lo, hi = _INT_RAW_RANGE[self.type]
+            for bound in (self.min, self.max):
+                raw = round((bound - self.offset) / self.scale)
+                if not lo <= raw <= hi:
+                    raise ValueError(f"writable point {self.name!r}: safe range bound {bound:g} does not fit "
+                                     f"{self.type} (raw {raw}) with scale {self.scale:g} and offset {self.offset:g}")
 
     @cached_property
     def registers(self) -> int:
@@ -87,6 +113,14 @@ class Point(BaseModel):
     def decimals(self) -> int:
         """Decimal places implied by the scale (0.1 → 1, 0.01 → 2, 0.25 → 2)."""
         return max(0, min(12, -math.floor(math.log10(abs(self.scale))) + (0 if _is_pow10(self.scale) else 1)))
+
+
+_INT_RAW_RANGE: dict[str, tuple[int, int]] = {
+    "int16": (-(1 << 15), (1 << 15) - 1), "uint16": (0, (1 << 16) - 1),
+    "int32": (-(1 << 31), (1 << 31) - 1), "uint32": (0, (1 << 32) - 1),
+    "int64": (-(1 << 63), (1 << 63) - 1), "uint64": (0, (1 << 64) - 1),
+}
+"""Raw register values each integer type can hold (a safe range must encode without wrapping)."""
 
 
 def _is_pow10(x: float) -> bool:
@@ -173,6 +207,14 @@ class DeviceProfile(BaseModel):
             if p.name == name:
                 return p
         raise KeyError(name)
+
+    def safe_range(self, name: str) -> tuple[float, float]:
+        """``(min, max)`` a write to point ``name`` may set; ``KeyError`` if there is no such point,
+        ``ValueError`` if it is not writable."""
+        p = self.point(name)
+        if not p.writable or p.min is None or p.max is None:
+            raise ValueError(f"point {name!r} of profile {self.name!r} is not writable")
+        return p.min, p.max
 
     @property
     def name(self) -> str:

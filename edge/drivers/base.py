@@ -38,6 +38,13 @@ class Driver(Protocol):
         read; a partial failure comes back as results with ``error`` set."""
         ...
 
+    async def write(self, point: str, value: float) -> Value:
+        """Write ``value`` (engineering units) to the writable ``point``, read it back and return
+        what the device now holds. Raises :class:`DeviceError` (``kind`` ``not-writable`` when the
+        driver or the point cannot be written, else why the write failed: ``timeout``,
+        ``exception-3``, ``connect``, ...). Range checks are the caller's (the command guard)."""
+        ...
+
     async def close(self) -> None:
         """Release the connection."""
         ...

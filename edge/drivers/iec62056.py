@@ -28,6 +28,7 @@ import serial
 
 from edge.drivers.base import DeviceError, PointResult
 from protocol.profile import DeviceProfile, ObisPoint
+from protocol.schema import Value
 
 STX, ETX, ACK = b"\x02", b"\x03", b"\x06"
 BAUD_CHARS = {"0": 300, "1": 600, "2": 1200, "3": 2400, "4": 4800, "5": 9600, "6": 19200}
@@ -185,6 +186,10 @@ class Iec62056Driver:
             except ValueError:
                 results.append(PointResult(o.name, None, "decode"))
         return results
+
+    async def write(self, point: str, value: float) -> Value:
+        """Mode C data readout is read-only: always :class:`DeviceError` ``not-writable``."""
+        raise DeviceError("not-writable", f"IEC 62056-21 meters cannot be written (point {point!r})")
 
     async def close(self) -> None:
         """Nothing stays open between readouts."""

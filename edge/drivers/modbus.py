@@ -9,6 +9,7 @@ one request at a time and keeps the inter-frame silence the RTU specification de
 from __future__ import annotations
 
 import asyncio
+import struct
 import time
 from collections.abc import Awaitable, Callable, Collection
 from typing import Any
@@ -21,6 +22,7 @@ from edge.drivers.base import DeviceError, PointResult
 from edge.drivers.planner import ReadRequest, plan_requests
 from protocol import codec
 from protocol.profile import DeviceProfile, Point
+from protocol.schema import Value
 
 
 class ModbusLink:
@@ -144,10 +146,10 @@ class ModbusDriver:
             raise DeviceError("timeout", "no answer to any request")
         return results
 
-    async def _execute(self, req: ReadRequest) -> list[int]:
+    async def _request(self, call: Callable[..., Awaitable[Any]], *args: Any, **kw: Any) -> Any:
+        """One request on the link; :class:`_RequestFailed` with a short kind when it fails."""
         try:
-            rr = await self.link.execute(self._readers[req.table], req.address, count=req.count,
-                                         device_id=self.unit)
+            rr = await self.link.execute(call, *args, device_id=self.unit, **kw)
         except ConnectionException as exc:
             raise _RequestFailed("disconnected") from exc
         except ModbusIOException as exc:
@@ -160,6 +162,10 @@ class ModbusDriver:
             # Modbus exception response: 1 illegal function, 2 illegal address, 3 illegal value,
             # 4 device failure, 6 busy, ...
             raise _RequestFailed(f"exception-{getattr(rr, 'exception_code', 0)}")
+        return rr
+
+    async def _execute(self, req: ReadRequest) -> list[int]:
+        rr = await self._request(self._readers[req.table], req.address, count=req.count)
         if req.table in ("coil", "discrete"):
             bits = list(rr.bits)
             if len(bits) < req.count:
@@ -169,6 +175,47 @@ class ModbusDriver:
         if len(words) != req.count:
             raise _RequestFailed("short-frame")
         return words
+
+    async def write(self, point: str, value: float) -> Value:
+        """Write one setpoint and read it back; see :meth:`edge.drivers.base.Driver.write`.
+
+        A holding-register point of one register goes out as function code 6 (write single
+        register), a wider one as 16 (write multiple registers) so that its words change together;
+        a coil as 5. Any point of the profile may be written, polled or not.
+        """
+        try:
+            p = self.profile.point(point)
+        except KeyError:
+            raise DeviceError("not-writable", f"profile {self.profile.name!r} has no point {point!r}") from None
+        if not p.writable or p.table not in ("holding", "coil"):
+            raise DeviceError("not-writable", f"point {point!r} of profile {self.profile.name!r} is not writable")
+        try:
+            words = codec.encode(p, value)
+        except (OverflowError, ValueError, struct.error) as exc:
+            raise DeviceError("encode", f"{point}: {value!r} cannot be encoded as {p.type}: {exc}") from None
+        client = self.link.client
+        arg: bool | int | list[int]
+        if p.table == "coil":
+            call, arg = client.write_coil, bool(words[0])
+        elif len(words) == 1:
+            call, arg = client.write_register, words[0]
+        else:
+            call, arg = client.write_registers, words
+        await self.link.ensure_connected()
+        try:
+            await self._request(call, p.address, arg)
+        except _RequestFailed as exc:
+            raise DeviceError(exc.kind, f"write of {point} failed: {exc.kind}") from None
+        # Read back what the device now holds: it may clamp, round or ignore a value and still
+        # acknowledge the write.
+        req = plan_requests([p])[0]
+        try:
+            got = self._decode(req, p, await self._execute(req))
+        except _RequestFailed as exc:
+            raise DeviceError(f"readback-{exc.kind}", f"{point} written, reading it back failed: {exc.kind}") from None
+        if got.error is not None:
+            raise DeviceError(f"readback-{got.error}", f"{point} written, reading it back failed: {got.error}")
+        return got.value
 
     @staticmethod
     def _decode(req: ReadRequest, point: Point, words: list[int]) -> PointResult:
