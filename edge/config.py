@@ -5,6 +5,7 @@ Every option is documented in ``docs/edge.md``; ``examples/edge.toml`` is a work
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Annotated, Literal
 
@@ -248,32 +249,42 @@ class EdgeConfig(_Section):
         return self.mqtt.client_id or f"twin-edge-{self.gateway.site}-{self.gateway.name}"
 
 
+def device_profiles(devices: Sequence[DeviceConfig], base_dir: Path | None = None,
+                    ) -> tuple[dict[str, DeviceProfile], list[tuple[tuple[str | int, ...], str]]]:
+    """Resolve the profile of every device and check that it fits the device (protocol, points).
+
+    Returns device name → profile, and the problems as (key path, message); shared by
+    :func:`load_config` and the remote configuration (:mod:`edge.remote_config`).
+    """
+    profiles: dict[str, DeviceProfile] = {}
+    problems: list[tuple[tuple[str | int, ...], str]] = []
+    for i, dev in enumerate(devices):
+        try:
+            prof = resolve_profile(dev.profile, base_dir=base_dir)
+        except ConfigError as exc:
+            problems.extend((("devices", i, "profile"), p) for p in exc.problems)
+            continue
+        except FileNotFoundError as exc:
+            problems.append((("devices", i, "profile"), str(exc)))
+            continue
+        expected = "iec62056-21" if dev.transport == "iec62056" else "modbus"
+        if prof.profile.protocol != expected:
+            problems.append((("devices", i, "profile"), f"profile {prof.name!r} is for {prof.profile.protocol}, "
+                                                        f"transport {dev.transport!r} needs a {expected} profile"))
+            continue
+        unknown = sorted(set(dev.points or []) - set(prof.units))
+        if unknown:
+            problems.append((("devices", i, "points"), f"not in profile {prof.name!r}: {unknown}"))
+        profiles[dev.name] = prof
+    return profiles, problems
+
+
 def load_config(path: str | Path) -> tuple[EdgeConfig, dict[str, DeviceProfile]]:
     """Load ``edge.toml`` and the profile of every device; raises ConfigError naming line and key."""
     path = Path(path)
     cfg = load_toml(path, EdgeConfig)
-    profiles: dict[str, DeviceProfile] = {}
-    problems: list[str] = []
-    for i, dev in enumerate(cfg.devices):
-        try:
-            prof = resolve_profile(dev.profile, base_dir=path.parent)
-        except ConfigError as exc:
-            problems.extend(problem_at(path, ("devices", i, "profile"), p) for p in exc.problems)
-            continue
-        except FileNotFoundError as exc:
-            problems.append(problem_at(path, ("devices", i, "profile"), str(exc)))
-            continue
-        expected = "iec62056-21" if dev.transport == "iec62056" else "modbus"
-        if prof.profile.protocol != expected:
-            problems.append(problem_at(path, ("devices", i, "profile"),
-                                       f"profile {prof.name!r} is for {prof.profile.protocol}, "
-                                       f"transport {dev.transport!r} needs a {expected} profile"))
-            continue
-        unknown = sorted(set(dev.points or []) - set(prof.units))
-        if unknown:
-            problems.append(problem_at(path, ("devices", i, "points"),
-                                       f"not in profile {prof.name!r}: {unknown}"))
-        profiles[dev.name] = prof
+    profiles, found = device_profiles(cfg.devices, base_dir=path.parent)
+    problems = [problem_at(path, loc, message) for loc, message in found]
     used = {p.name for p in profiles.values()}
     for i, m in enumerate(cfg.models):
         if m.profile not in used:

@@ -121,15 +121,29 @@ def parse_toml(text: str, model: type[M], source: str = "<string>",
     except ValidationError as exc:
         where = _index_lines(text)
         problems = []
-        for err in exc.errors():
-            loc = _data_loc(data, tuple(err["loc"]))
+        for loc, msg in validation_problems(data, exc):
             line = _line_for(loc, where)
             pos = f"{source}:{line}" if line else source
-            msg = err["msg"].removeprefix("Value error, ")
-            if err["type"] == "string_pattern_mismatch" and err.get("ctx", {}).get("pattern") == NAME_PATTERN:
-                msg = f"{err['input']!r} is not a valid name: use {NAME_RULE}"
             problems.append(f"{pos}: {_fmt_loc(loc)}: {msg}")
         raise ConfigError(source, problems) from None
+
+
+def validation_problems(data: Any, exc: ValidationError) -> list[tuple[tuple[str | int, ...], str]]:
+    """The errors of validating ``data`` as (key path in ``data``, readable message): union tags and
+    validator labels removed from the path, names explained. For data that is not from a file (the
+    remote configuration a gateway receives as JSON)."""
+    out = []
+    for err in exc.errors():
+        msg = err["msg"].removeprefix("Value error, ")
+        if err["type"] == "string_pattern_mismatch" and err.get("ctx", {}).get("pattern") == NAME_PATTERN:
+            msg = f"{err['input']!r} is not a valid name: use {NAME_RULE}"
+        out.append((_data_loc(data, tuple(err["loc"])), msg))
+    return out
+
+
+def format_loc(loc: tuple[str | int, ...]) -> str:
+    """A key path as written in the docs and messages: ``devices[1].port``."""
+    return _fmt_loc(loc)
 
 
 def problem_at(path: str | Path, loc: tuple[str | int, ...], message: str) -> str:

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from collections.abc import Collection
+
 from edge.config import EdgeConfig, IecDeviceConfig, RtuDeviceConfig, TcpDeviceConfig
 from edge.drivers.base import Driver
 from edge.drivers.iec62056 import Iec62056Driver
@@ -9,11 +11,18 @@ from edge.drivers.modbus import ModbusDriver, ModbusLink
 from protocol.profile import DeviceProfile
 
 
-def build_drivers(cfg: EdgeConfig, profiles: dict[str, DeviceProfile]) -> dict[str, Driver]:
-    """Device name → driver."""
-    buses: dict[str, ModbusLink] = {}
+def build_drivers(cfg: EdgeConfig, profiles: dict[str, DeviceProfile], names: Collection[str] | None = None,
+                  buses: dict[str, ModbusLink] | None = None) -> dict[str, Driver]:
+    """Device name → driver, for the devices in ``names`` (default: all).
+
+    ``buses`` (serial port name → link) lets a running agent add devices to an RS-485 bus that
+    devices kept by a reconfiguration still use: an existing link is shared, new ones are added to it.
+    """
+    buses = {} if buses is None else buses
     drivers: dict[str, Driver] = {}
     for d in cfg.devices:
+        if names is not None and d.name not in names:
+            continue
         profile = profiles[d.name]
         if isinstance(d, TcpDeviceConfig):
             drivers[d.name] = ModbusDriver(ModbusLink.tcp(d.host, d.port, d.timeout_s), d.unit_id, profile, d.points)

@@ -296,6 +296,13 @@ class ModelRollout:
         await self.events.add_event(EventType.MODEL_REJECTED.value, _short(str(exc), 1000),
                                     {"profile": profile, "source": source, "kind": exc.kind, "file": exc.source})
 
+    def devices_changed(self) -> None:
+        """The gateway's devices changed (remote configuration): apply the last assignment again, so
+        a profile that is new on this gateway gets its model and the status lists the right profiles."""
+        if self._latest is not None:
+            self._wake.set()
+        self._changed()
+
     # -- assignments -----------------------------------------------------------------------
 
     def handle_assignment(self, payload: bytes) -> None:

@@ -143,6 +143,26 @@ class AnomalyScorer:
         self.on_failure: Callable[[str, AnomalyModel, str], Awaitable[None]] | None = None
         """Called (on the event loop) when an active model failed live; the rollout rolls it back."""
 
+    async def replace_devices(self, devices: Iterable[ScoredDevice]) -> None:
+        """Score these devices from now on (a remote configuration was applied). Devices that are
+        gone or changed lose their window and sample history; an active anomaly of a removed device
+        is cleared with an ``anomaly_cleared`` event, so the hub does not show it forever."""
+        new = {d.name: d for d in devices}
+        for name, old in self.devices.items():
+            if new.get(name) == old:
+                continue
+            self._windows.pop(name, None)
+            self._last_values.pop(name, None)
+            if name not in new and self._anomalous.pop(name, False):
+                self.metrics.anomaly_active.labels(name).set(0)
+                await self.events.add_event(EventType.ANOMALY_CLEARED.value,
+                                            f"{name}: anomaly state cleared, device removed by configuration",
+                                            {"reason": "device removed"}, device=name)
+        self.devices = new
+        self.by_profile = {}
+        for d in new.values():
+            self.by_profile.setdefault(d.profile, []).append(d.name)
+
     # -- models ----------------------------------------------------------------------------
 
     def active(self, profile: str) -> AnomalyModel | None:
