@@ -19,6 +19,7 @@ from hub.alerts.engine import AlertEngine
 from hub.api import ApiContext, create_app
 from hub.config import HubConfig
 from hub.db import Database, redact_url
+from hub.gateway_config import GatewayConfigs
 from hub.ingest import Ingest, now_ms
 from hub.metrics import HubMetrics, IngestStats
 from hub.rollout import Rollout
@@ -62,6 +63,11 @@ class Hub:
         # again whenever the MQTT connection is (re)subscribed.
         self.store.on_new_gateway = lambda site, gateway: self.rollout.mark((site, gateway))
         self.ingest.on_subscribed(self.rollout.mark_all)
+        # Remote configuration: desired device lists published retained to each gateway (again on
+        # every re-subscription), and the gateways' config_applied/config_rejected answers recorded.
+        self.configs = GatewayConfigs(self.db, self.ingest, now_ms)
+        self.ingest.on_subscribed(self.configs.mark_all)
+        self.ingest.on_committed(self.configs.on_batch)
         # Alerts: every committed batch and every signal is handed to the engine (queued, off the
         # ingest path); it starts once the database is open.
         self.alerts = AlertEngine(self.db, config.alerts, clock=now_ms, registry=self.metrics.registry)
@@ -106,7 +112,8 @@ class Hub:
         app = create_app(ApiContext(db=self.db, status=self.config.status, ingest=self.ingest,
                                     metrics=self.metrics, rollout=self.rollout,
                                     signals=self.signals, billing=self.config.billing,
-                                    smtp=self.config.alerts.smtp, payments=self.config.payments))
+                                    smtp=self.config.alerts.smtp, payments=self.config.payments,
+                                    configs=self.configs))
         self._server = _Server(uvicorn.Config(
             app, host=self.config.http.host, port=self.config.http.port, log_config=None,
             access_log=False, lifespan="off", timeout_graceful_shutdown=3))
@@ -121,6 +128,7 @@ class Hub:
         self.port = int(sockets[0].getsockname()[1])
         # Started once the port (and so the download URL) is known; marks made before wait for it.
         self._tasks.append(asyncio.create_task(self.rollout.run(), name="hub-rollout"))
+        self._tasks.append(asyncio.create_task(self.configs.run(), name="hub-gateway-config"))
         if wait_subscribed:
             try:
                 await asyncio.wait_for(self.ingest.subscribed.wait(), ready_within_s)
@@ -152,6 +160,7 @@ class Hub:
         """Graceful stop: commit and acknowledge what was received, disconnect MQTT, stop HTTP,
         close the database; the drain of received messages is bounded by ``drain_s``."""
         await self.rollout.stop()
+        await self.configs.stop()
         await self.ingest.stop(drain_s)
         if self._server is not None:
             self._server.should_exit = True

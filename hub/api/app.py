@@ -14,6 +14,7 @@ from hub.alerts.rules import SmtpConfig
 from hub.billing.config import BillingConfig, PaymentsConfig
 from hub.config import StatusConfig
 from hub.db import Database
+from hub.gateway_config import GatewayConfigs
 from hub.ingest import Ingest, now_ms
 from hub.metrics import HubMetrics
 from hub.rollout import Rollout
@@ -42,6 +43,8 @@ class ApiContext:
     """The mail server statements are e-mailed through (``[alerts.smtp]``)."""
     payments: PaymentsConfig = field(default_factory=PaymentsConfig)
     """The payment provider of statements (``[payments]``; off by default)."""
+    configs: GatewayConfigs | None = None
+    """Publishes gateways' remote configurations; ``None``: stored but not published (tests)."""
 
 
 class _ActivateDatabase:
