@@ -14,6 +14,7 @@ from pydantic import BaseModel, ConfigDict, Field, SecretStr, ValidationError, m
 
 from hub.alerts.rules import AlertsConfig
 from hub.billing.config import BillingConfig, PaymentsConfig
+from hub.commands import CommandsConfig
 from protocol.ids import NAME_PATTERN
 from protocol.tomlconfig import ConfigError, load_toml, parse_toml
 
@@ -110,6 +111,8 @@ class HubConfig(_Section):
     """Plausibility limits of meter registers, statements (``docs/billing.md``)."""
     payments: PaymentsConfig = PaymentsConfig()
     """Payment provider of statements (``docs/billing.md``, "Payments")."""
+    commands: CommandsConfig = CommandsConfig()
+    """Setpoint commands: expiry, answer grace, sweep (``docs/commands.md``)."""
 
 
 # Environment variable -> (section, key). Handy for containers and for launchers that pick ports.

@@ -17,6 +17,7 @@ import uvicorn
 
 from hub.alerts.engine import AlertEngine
 from hub.api import ApiContext, create_app
+from hub.commands import CommandService
 from hub.config import HubConfig
 from hub.db import Database, redact_url
 from hub.gateway_config import GatewayConfigs
@@ -73,6 +74,10 @@ class Hub:
         self.alerts = AlertEngine(self.db, config.alerts, clock=now_ms, registry=self.metrics.registry)
         self.ingest.on_committed(self.alerts.on_batch)
         self.signals.subscribe(self.alerts.on_signal)
+        # Setpoint commands: published through the ingest's connection; the gateways' answers are
+        # handed over from ingest (queued) to update the audit; refusals raise human-error signals.
+        self.commands = CommandService(self.db, self.ingest, self.signals, config.commands, clock=now_ms)
+        self.ingest.on_committed(self.commands.on_committed)
         self.port: int | None = None
         self._server: _Server | None = None
         self._tasks: list[asyncio.Task[None]] = []
@@ -108,12 +113,13 @@ class Hub:
         except Exception as exc:
             raise HubError(f"cannot open database {redact_url(self.db.url)}: {exc}") from exc
         await self.alerts.start()
+        self.commands.start()
         self._tasks.append(asyncio.create_task(self.ingest.run(), name="hub-ingest"))
         app = create_app(ApiContext(db=self.db, status=self.config.status, ingest=self.ingest,
                                     metrics=self.metrics, rollout=self.rollout,
                                     signals=self.signals, billing=self.config.billing,
                                     smtp=self.config.alerts.smtp, payments=self.config.payments,
-                                    configs=self.configs))
+                                    configs=self.configs, commands=self.commands))
         self._server = _Server(uvicorn.Config(
             app, host=self.config.http.host, port=self.config.http.port, log_config=None,
             access_log=False, lifespan="off", timeout_graceful_shutdown=3))
@@ -174,6 +180,7 @@ class Hub:
             except Exception as exc:  # already reported by wait(); keep stopping the rest
                 log.debug("task_failed", task=task.get_name(), error=str(exc))
         self._tasks.clear()
+        await self.commands.stop()
         await self.alerts.stop()
         await self.db.close()
         log.info("hub_stopped", **{k: v for k, v in self.stats.as_dict().items() if isinstance(v, int)})

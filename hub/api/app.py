@@ -12,6 +12,7 @@ from starlette.types import ASGIApp, Receive, Scope, Send
 from hub import __version__
 from hub.alerts.rules import SmtpConfig
 from hub.billing.config import BillingConfig, PaymentsConfig
+from hub.commands import CommandService
 from hub.config import StatusConfig
 from hub.db import Database
 from hub.gateway_config import GatewayConfigs
@@ -45,6 +46,8 @@ class ApiContext:
     """The payment provider of statements (``[payments]``; off by default)."""
     configs: GatewayConfigs | None = None
     """Publishes gateways' remote configurations; ``None``: stored but not published (tests)."""
+    commands: CommandService | None = None
+    """Issues and audits setpoint commands (:mod:`hub.commands`); ``None``: the command routes answer 503."""
 
 
 class _ActivateDatabase:
