@@ -303,7 +303,7 @@ class GatewayConfigs:
             if not isinstance(version, int):
                 log.warning("config_report_without_version", site=e.site, gateway=e.gateway, type=e.type.value)
                 continue
-            error = str(e.details.get("error", e.message))
+            error = str(e.details.get("error", e.message)) if e.type is EventType.CONFIG_REJECTED else ""
             try:
                 with self.db.activate():
                     await record_report(e.site, e.gateway, e.type.value, version, e.ts, error)
