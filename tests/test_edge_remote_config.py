@@ -14,7 +14,9 @@ from typing import Any
 import aiomqtt
 import pytest
 
+from edge.agent import EdgeAgent
 from edge.config import load_config
+from edge.drivers.modbus import ModbusDriver
 from edge.remote_config import REMOTE_CONFIG_FILE, RemoteConfigError, validate_document
 from firmware_sim import SimConfig, Simulators, run_simulators
 from fleet.broker import Mosquitto
@@ -174,3 +176,35 @@ async def test_persisted_config_is_used_after_a_restart_and_the_same_version_is_
     mosquitto.stop()
     async with running_agent(path) as agent:
         assert sorted(agent.pollers) == ["boiler-1"] and agent.remote.applied_version == 0
+
+
+async def test_rs485_bus_link_is_shared_with_kept_devices_and_renewed_when_the_port_changes(tmp_path: Path) -> None:
+    """No serial traffic: drivers are built but never connected (the agent is not running)."""
+    (tmp_path / "edge.toml").write_text(
+        '[gateway]\nsite = "site-1"\nname = "gw-ai"\n[buffer]\npath = "buf.db"\n[metrics]\nport = 0\n'
+        '[[serial_ports]]\nname = "bus-1"\ndevice = "/dev/null"\n'
+        '[[devices]]\nname = "a"\nprofile = "sim-boiler"\ntransport = "rtu"\nserial_port = "bus-1"\nunit_id = 1\n'
+        '[[devices]]\nname = "b"\nprofile = "sim-boiler"\ntransport = "rtu"\nserial_port = "bus-1"\nunit_id = 2\n')
+    cfg, profiles = load_config(tmp_path / "edge.toml")
+    agent = EdgeAgent(cfg, profiles)
+    await agent.buffer.open()
+    a = agent.drivers["a"]
+    assert isinstance(a, ModbusDriver) and agent.drivers["b"].link is a.link  # type: ignore[attr-defined]
+
+    def rtu(name: str, unit: int) -> dict[str, Any]:
+        return {"name": name, "profile": "sim-boiler", "transport": "rtu", "serial_port": "bus-1", "unit_id": unit}
+
+    port = {"name": "bus-1", "device": "/dev/null"}
+    new_cfg, new_profiles = validate_document(cfg, {"devices": [rtu("a", 1), rtu("c", 3)], "serial_ports": [port]})
+    assert await agent.apply_devices(new_cfg, new_profiles) == {"removed": ["b"], "changed": [], "added": ["c"]}
+    assert agent.drivers["a"] is a and agent.drivers["c"].link is a.link  # type: ignore[attr-defined]
+    assert sorted(agent.pollers) == ["a", "c"] and agent.pollers["a"].driver is a
+    # Another baud rate: every device on the bus is changed and gets the new link.
+    new_cfg, new_profiles = validate_document(cfg, {"devices": [rtu("a", 1), rtu("c", 3)],
+                                                    "serial_ports": [{**port, "baudrate": 9600}]})
+    assert await agent.apply_devices(new_cfg, new_profiles) == {"removed": [], "changed": ["a", "c"], "added": []}
+    a2 = agent.drivers["a"]
+    assert isinstance(a2, ModbusDriver) and a2.link is not a.link and agent.drivers["c"].link is a2.link  # type: ignore[attr-defined]
+    assert a2.link.client.comm_params.baudrate == 9600
+    assert sorted(agent.devices) == ["a", "c"] and sorted(agent.scorer.devices) == ["a", "c"]
+    await agent.buffer.close()
