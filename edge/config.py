@@ -13,6 +13,7 @@ from pydantic import BaseModel, ConfigDict, Discriminator, Field, Tag, model_val
 
 from protocol.ids import Name
 from protocol.profile import DeviceProfile, resolve_profile
+from protocol.tls import TlsClientOptions
 from protocol.tomlconfig import ConfigError, load_toml, problem_at
 
 Seconds = Annotated[float, Field(gt=0, le=86_400)]
@@ -29,8 +30,8 @@ class GatewaySection(_Section):
     name: Name
 
 
-class MqttSection(_Section):
-    """Uplink to the broker."""
+class MqttSection(_Section, TlsClientOptions):
+    """Uplink to the broker; TLS options (``tls``, ``ca_file``, ...) come from :class:`TlsClientOptions`."""
 
     host: str = "127.0.0.1"
     port: Annotated[int, Field(ge=1, le=65535)] = 1883
@@ -87,6 +88,9 @@ class InferenceSection(_Section):
     path (``/api/v1/models/...``). The hub normally sends absolute URLs."""
     download_timeout_s: Annotated[float, Field(gt=0, le=3600)] = 60.0
     """Longest a model download may take in total."""
+    ca_file: Path | None = None
+    """PEM CA file an ``https`` hub's certificate must be signed by; unset: ``[mqtt] ca_file`` when
+    ``[mqtt] tls`` is on, else the system's trust store. Relative to the config file."""
     gap_factor: Annotated[float, Field(ge=1.5, le=100)] = 3.0
     """A gap of more than this many sample periods between two samples of a device restarts its window."""
 
@@ -290,14 +294,26 @@ def load_config(path: str | Path) -> tuple[EdgeConfig, dict[str, DeviceProfile]]
         if m.profile not in used:
             problems.append(problem_at(path, ("models", i, "profile"),
                                        f"no device uses profile {m.profile!r} (devices use: {sorted(used)})"))
+    tls_files, tls_problems = cfg.mqtt.tls_problems(path.parent)
+    problems.extend(problem_at(path, ("mqtt", key), msg) for key, msg in tls_problems)
+    https_ca = cfg.inference.ca_file
+    if https_ca is not None and not https_ca.is_absolute():
+        https_ca = path.parent / https_ca
+    if https_ca is not None and not https_ca.is_file():
+        problems.append(problem_at(path, ("inference", "ca_file"), f"no such file: {https_ca}"))
     if problems:
         raise ConfigError(str(path), problems)
     # Relative paths are relative to the config file, not to wherever the agent was started.
     update: dict[str, object] = {}
+    if tls_files:
+        update["mqtt"] = cfg.mqtt.model_copy(update=tls_files)
     if not cfg.buffer.path.is_absolute():
         update["buffer"] = cfg.buffer.model_copy(update={"path": path.parent / cfg.buffer.path})
+    inference: dict[str, object] = {"ca_file": https_ca} if https_ca != cfg.inference.ca_file else {}
     if cfg.inference.model_dir is not None and not cfg.inference.model_dir.is_absolute():
-        update["inference"] = cfg.inference.model_copy(update={"model_dir": path.parent / cfg.inference.model_dir})
+        inference["model_dir"] = path.parent / cfg.inference.model_dir
+    if inference:
+        update["inference"] = cfg.inference.model_copy(update=inference)
     if any(not m.path.is_absolute() for m in cfg.models):
         update["models"] = [m if m.path.is_absolute() else m.model_copy(update={"path": path.parent / m.path})
                             for m in cfg.models]

@@ -65,6 +65,8 @@ class Uplink:
         self._downlink: dict[str, Callable[[bytes], None]] = {}
         """Hub-to-gateway topics the session subscribes to, each with the handler of its messages."""
         self._status_dirty = asyncio.Event()
+        # Built once: it reads the CA and key files (rotating them means restarting the agent).
+        self._tls = cfg.mqtt.tls_context()
 
     def on_downlink(self, channel: topics.Channel, handler: Callable[[bytes], None]) -> None:
         """Subscribe to this gateway's ``channel`` (``models``, ``config``, ``commands``) on every
@@ -88,7 +90,7 @@ class Uplink:
         return aiomqtt.Client(
             m.host, m.port, identifier=self.cfg.client_id, username=m.username, password=m.password,
             keepalive=m.keepalive_s, clean_session=True, max_inflight_messages=m.max_inflight,
-            timeout=m.publish_timeout_s,
+            timeout=m.publish_timeout_s, tls_context=self._tls,
             # The broker publishes this for us if we vanish without a clean disconnect
             # (power cut, network loss); retained so late subscribers see it too.
             will=aiomqtt.Will(self.status_topic, self._status(GatewayState.OFFLINE), qos=1, retain=True),

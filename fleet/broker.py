@@ -12,6 +12,7 @@ import shutil
 import signal
 import subprocess
 import tempfile
+from dataclasses import dataclass
 from pathlib import Path
 from types import TracebackType
 
@@ -31,13 +32,45 @@ def find_mosquitto() -> str:
     return found
 
 
+@dataclass(frozen=True)
+class BrokerTls:
+    """The files of a TLS listener (``fleet.tlsca`` makes them for tests and small fleets)."""
+
+    cafile: Path
+    """CA of the client certificates the broker accepts (and the one clients trust for the broker)."""
+    certfile: Path
+    keyfile: Path
+    require_certificate: bool = False
+    """Refuse clients that do not present a certificate signed by ``cafile``."""
+    tls_version: str = "tlsv1.2"
+    """Oldest TLS version accepted (Mosquitto's ``tls_version``)."""
+
+    def listener_config(self) -> str:
+        """The lines that follow a ``listener`` line to make it TLS."""
+        return (f"cafile {self.cafile}\ncertfile {self.certfile}\nkeyfile {self.keyfile}\n"
+                f"tls_version {self.tls_version}\n"
+                f"require_certificate {'true' if self.require_certificate else 'false'}\n")
+
+
 class Mosquitto:
-    """A mosquitto process with its own config, data dir and log, on 127.0.0.1."""
+    """A mosquitto process with its own config, data dir and log, on 127.0.0.1.
+
+    With ``tls`` it has a TLS listener too: on ``tls_port`` beside the plain one on ``port``, or,
+    with ``plain=False``, instead of it (then ``tls_port == port``).
+    """
 
     def __init__(self, port: int = 0, host: str = "127.0.0.1", workdir: str | Path | None = None,
-                 extra_config: str = "") -> None:
+                 extra_config: str = "", tls: BrokerTls | None = None, tls_port: int = 0,
+                 plain: bool = True) -> None:
+        if tls is None and not plain:
+            raise ValueError("a broker without the plain listener needs tls")
         self.host = host
         self.port = port or free_port(host)
+        self.tls = tls
+        self.plain = plain
+        self.tls_port: int | None = None
+        if tls is not None:
+            self.tls_port = (tls_port or free_port(host)) if plain else self.port
         self._own_dir = workdir is None
         self.workdir = Path(workdir or tempfile.mkdtemp(prefix="twin-mosquitto-"))
         self.extra_config = extra_config
@@ -52,9 +85,12 @@ class Mosquitto:
         conf = self.workdir / "mosquitto.conf"
         data = self.workdir / "data"
         data.mkdir(parents=True, exist_ok=True)
+        listeners = f"listener {self.port} {self.host}\n" if self.plain else ""
+        if self.tls is not None:
+            listeners += f"listener {self.tls_port} {self.host}\n" + self.tls.listener_config()
         conf.write_text(
-            f"listener {self.port} {self.host}\n"
-            "allow_anonymous true\n"
+            listeners
+            + "allow_anonymous true\n"
             "persistence true\n"
             f"persistence_location {data}/\n"
             # A hub that is down for hours must find its backlog queued, not dropped at the
@@ -84,6 +120,8 @@ class Mosquitto:
                                      start_new_session=False)
         try:
             wait_for_port(self.host, self.port, timeout)
+            if self.tls_port is not None and self.tls_port != self.port:
+                wait_for_port(self.host, self.tls_port, timeout)
         except TimeoutError:
             self.stop()
             log = self.log_path.read_text(errors="replace") if self.log_path.exists() else ""

@@ -6,6 +6,7 @@ Errors are reported as ``hub.toml:LINE: key: message`` through :mod:`protocol.to
 from __future__ import annotations
 
 import os
+import ssl
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Annotated, Any, Literal
@@ -16,7 +17,8 @@ from hub.alerts.rules import AlertsConfig
 from hub.billing.config import BillingConfig, PaymentsConfig
 from hub.commands import CommandsConfig
 from protocol.ids import NAME_PATTERN
-from protocol.tomlconfig import ConfigError, load_toml, parse_toml
+from protocol.tls import TlsClientOptions
+from protocol.tomlconfig import ConfigError, load_toml, parse_toml, problem_at
 
 Port = Annotated[int, Field(ge=0, le=65535)]
 
@@ -41,8 +43,9 @@ class DatabaseConfig(_Section):
         return self
 
 
-class MqttConfig(_Section):
-    """``[mqtt]``: the broker the gateways publish to."""
+class MqttConfig(_Section, TlsClientOptions):
+    """``[mqtt]``: the broker the gateways publish to; TLS options (``tls``, ``ca_file``, ...) come from
+    :class:`~protocol.tls.TlsClientOptions`."""
 
     host: str = "127.0.0.1"
     port: Annotated[int, Field(ge=1, le=65535)] = 1883
@@ -68,11 +71,17 @@ class HttpConfig(_Section):
     """Base URL under which gateways reach this hub's API (through a proxy, a DNS name, ...): model
     assignments tell gateways to download ``<public_url>/api/v1/models/{name}/{version}/file``.
     Unset: ``http://<host>:<port>`` of the listener (``0.0.0.0`` becomes ``127.0.0.1``)."""
+    tls_cert_file: Path | None = None
+    """PEM certificate (chain) of the API: with ``tls_key_file`` the API speaks HTTPS only."""
+    tls_key_file: Path | None = None
+    """Private key of ``tls_cert_file`` (PEM, unencrypted; keep it mode 0600)."""
 
     @model_validator(mode="after")
     def _no_trailing_slash(self) -> HttpConfig:
         if self.public_url is not None:
             self.public_url = self.public_url.rstrip("/")
+        if (self.tls_cert_file is None) != (self.tls_key_file is None):
+            raise ValueError("tls_cert_file and tls_key_file go together: set both or neither")
         return self
 
 
@@ -125,8 +134,38 @@ ENV_OVERRIDES: dict[str, tuple[str, str]] = {
 
 
 def load_config(path: str | Path) -> HubConfig:
-    """Load and validate ``path``; raises :class:`ConfigError` naming file, line and key."""
-    return load_toml(path, HubConfig)
+    """Load and validate ``path``; raises :class:`ConfigError` naming file, line and key.
+
+    Relative TLS file paths (``[mqtt] ca_file``, ``[http] tls_cert_file``, ...) are relative to the
+    file, and each must exist and load."""
+    config = load_toml(path, HubConfig)
+    return _check_tls_files(config, Path(path))
+
+
+def _check_tls_files(config: HubConfig, path: Path) -> HubConfig:
+    mqtt_files, found = config.mqtt.tls_problems(path.parent)
+    problems = [problem_at(path, ("mqtt", key), message) for key, message in found]
+    http: dict[str, Path] = {}
+    for key in ("tls_cert_file", "tls_key_file"):
+        value: Path | None = getattr(config.http, key)
+        if value is not None:
+            http[key] = value if value.is_absolute() else path.parent / value
+            if not http[key].is_file():
+                problems.append(problem_at(path, ("http", key), f"no such file: {http[key]}"))
+    if len(http) == 2 and not problems:
+        try:
+            ssl.create_default_context(ssl.Purpose.CLIENT_AUTH).load_cert_chain(
+                str(http["tls_cert_file"]), str(http["tls_key_file"]))
+        except (ssl.SSLError, OSError) as exc:
+            problems.append(problem_at(path, ("http", "tls_cert_file"), f"certificate and key do not load "
+                                       f"together ({http['tls_cert_file']}, {http['tls_key_file']}): {exc}"))
+    if problems:
+        raise ConfigError(str(path), problems)
+    if mqtt_files:
+        config.mqtt = config.mqtt.model_copy(update=mqtt_files)
+    if http:
+        config.http = config.http.model_copy(update=http)
+    return config
 
 
 def parse_config(text: str, source: str = "<string>") -> HubConfig:

@@ -92,6 +92,8 @@ class Ingest:
     def __init__(self, mqtt: MqttConfig, ingest: IngestConfig, store: Store, metrics: HubMetrics,
                  clock: Callable[[], int] = now_ms) -> None:
         self.mqtt = mqtt
+        # Built once (it reads the CA and key files); rotating them means restarting the hub.
+        self._tls = mqtt.tls_context()
         self.cfg = ingest
         self.store = store
         self.metrics = metrics
@@ -208,7 +210,7 @@ class Ingest:
             keepalive=self.mqtt.keepalive,
             username=self.mqtt.username,
             password=self.mqtt.password.get_secret_value() if self.mqtt.password else None,
-            timeout=10,
+            timeout=10, tls_context=self._tls,
         )
         # aiomqtt lets paho acknowledge every message as soon as it is received, which would lose
         # the messages of a batch that is not yet committed if the hub died. paho's manual-ack

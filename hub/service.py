@@ -89,13 +89,14 @@ class Hub:
 
     @property
     def api_url(self) -> str:
-        """Base URL of the HTTP API, e.g. ``http://127.0.0.1:8000``."""
+        """Base URL of the HTTP API, e.g. ``http://127.0.0.1:8000`` (``https://`` with ``[http] tls_cert_file``)."""
         if self.port is None:
             raise RuntimeError("hub is not started")
         host = self.config.http.host
         if host in ("0.0.0.0", "", "::"):
             host = "127.0.0.1"
-        return f"http://{'[' + host + ']' if ':' in host else host}:{self.port}"
+        scheme = "https" if self.config.http.tls_cert_file else "http"
+        return f"{scheme}://{'[' + host + ']' if ':' in host else host}:{self.port}"
 
     @property
     def public_url(self) -> str:
@@ -120,9 +121,14 @@ class Hub:
                                     signals=self.signals, billing=self.config.billing,
                                     smtp=self.config.alerts.smtp, payments=self.config.payments,
                                     configs=self.configs, commands=self.commands))
+        http = self.config.http
         self._server = _Server(uvicorn.Config(
-            app, host=self.config.http.host, port=self.config.http.port, log_config=None,
-            access_log=False, lifespan="off", timeout_graceful_shutdown=3))
+            app, host=http.host, port=http.port, log_config=None,
+            access_log=False, lifespan="off", timeout_graceful_shutdown=3,
+            # HTTPS when a certificate is configured; uvicorn's server context refuses TLS < 1.2
+            # (Python's default), see docs/security.md, "TLS".
+            ssl_certfile=str(http.tls_cert_file) if http.tls_cert_file else None,
+            ssl_keyfile=str(http.tls_key_file) if http.tls_key_file else None))
         server_task = asyncio.create_task(self._serve(self._server), name="hub-http")
         self._tasks.append(server_task)
         while not self._server.started:

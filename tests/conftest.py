@@ -13,10 +13,11 @@ from typing import Any
 
 import pytest
 
-from fleet.broker import BrokerUnavailable, Mosquitto
+from fleet.broker import BrokerTls, BrokerUnavailable, Mosquitto
 from fleet.net import free_port
 from fleet.postgres import PostgresCluster, PostgresUnavailable
 from tests.parts import missing_part
+from tests.tlstools import Pki, make_pki
 
 # Test modules import onnxruntime directly; like the edge and hub, they keep its telemetry off.
 os.environ.setdefault("ORT_DISABLE_TELEMETRY", "1")
@@ -27,6 +28,27 @@ def mosquitto(tmp_path: Path) -> Iterator[Mosquitto]:
     """A real mosquitto on a free 127.0.0.1 port, stopped after the test."""
     try:
         broker = Mosquitto(workdir=tmp_path / "mosquitto")
+        broker.start()
+    except BrokerUnavailable as exc:
+        missing_part(str(exc), "apt-get install mosquitto")
+    try:
+        yield broker
+    finally:
+        broker.cleanup()
+
+
+@pytest.fixture(scope="session")
+def tls_ca(tmp_path_factory: pytest.TempPathFactory) -> Pki:
+    """A throw-away CA with a server certificate for 127.0.0.1 and a client certificate (plus a rogue CA)."""
+    return make_pki(tmp_path_factory.mktemp("pki"))
+
+
+@pytest.fixture
+def mosquitto_tls(tmp_path: Path, tls_ca: Pki) -> Iterator[Mosquitto]:
+    """A real mosquitto with only a TLS listener (TLS 1.2+, certificate from ``tls_ca``) on ``.port``."""
+    try:
+        broker = Mosquitto(workdir=tmp_path / "mosquitto-tls", plain=False,
+                           tls=BrokerTls(tls_ca.ca, tls_ca.server_cert, tls_ca.server_key))
         broker.start()
     except BrokerUnavailable as exc:
         missing_part(str(exc), "apt-get install mosquitto")

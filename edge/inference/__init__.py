@@ -4,6 +4,8 @@ agent's scoring path (``scorer``) and model rollout from the hub (``rollout``). 
 
 from __future__ import annotations
 
+import ssl
+
 from edge.buffer import ReadingBuffer
 from edge.config import EdgeConfig
 from edge.drivers.registry import point_intervals
@@ -21,6 +23,7 @@ from edge.inference.windows import SampleWindow
 from edge.metrics import EdgeMetrics
 from edge.uplink import Uplink
 from protocol.profile import DeviceProfile
+from protocol.tls import client_context
 
 __all__ = [
     "FLAG_METRIC",
@@ -65,11 +68,18 @@ def wire_inference(cfg: EdgeConfig, profiles: dict[str, DeviceProfile], buffer: 
     rollout = ModelRollout(
         scorer, engine, buffer, metrics, site=cfg.gateway.site, gateway=cfg.gateway.name, model_dir=cfg.model_dir,
         local_models={m.profile: m.path for m in cfg.models}, hub_url=cfg.inference.hub_url,
-        download_timeout_s=cfg.inference.download_timeout_s)
+        download_timeout_s=cfg.inference.download_timeout_s, tls_context=download_tls_context(cfg))
     uplink.model_status = rollout.status
     uplink.on_downlink("models", rollout.handle_assignment)
     rollout.on_status_change = uplink.status_changed
     return engine, scorer, rollout
+
+
+def download_tls_context(cfg: EdgeConfig) -> ssl.SSLContext:
+    """How model downloads from an ``https`` hub are verified: against ``[inference] ca_file``, else the
+    broker's ``[mqtt] ca_file`` (one private CA usually signs both), else the system's trust store."""
+    ca = cfg.inference.ca_file or (cfg.mqtt.ca_file if cfg.mqtt.tls else None)
+    return client_context(ca)
 
 
 def check_local_models(cfg: EdgeConfig, profiles: dict[str, DeviceProfile]) -> list[str]:

@@ -30,6 +30,7 @@ import contextlib
 import json
 import os
 import re
+import ssl
 import time
 import urllib.error
 import urllib.request
@@ -89,8 +90,9 @@ def write_atomic(path: Path, data: bytes) -> None:
         os.close(fd)
 
 
-def download(url: str, limit: int, timeout_s: float) -> bytes:
-    """GET ``url`` (http or https only), at most ``limit`` bytes, within ``timeout_s`` in total.
+def download(url: str, limit: int, timeout_s: float, tls_context: ssl.SSLContext | None = None) -> bytes:
+    """GET ``url`` (http or https only), at most ``limit`` bytes, within ``timeout_s`` in total;
+    an https server's certificate is verified with ``tls_context`` (default: the system's trust store).
 
     Raises :class:`ModelLoadError` of kind ``download`` (a transfer problem, worth retrying).
     Blocking: run it in a thread.
@@ -103,7 +105,7 @@ def download(url: str, limit: int, timeout_s: float) -> bytes:
     chunks: list[bytes] = []
     total = 0
     try:
-        with urllib.request.urlopen(request, timeout=min(timeout_s, 30.0)) as resp:
+        with urllib.request.urlopen(request, timeout=min(timeout_s, 30.0), context=tls_context) as resp:
             length = resp.headers.get("Content-Length")
             if length is not None and length.isdigit() and int(length) > limit:
                 raise ModelLoadError(url, "download", f"the server sends {length} bytes, more than the {limit} "
@@ -146,6 +148,7 @@ class ModelRollout:
     def __init__(self, scorer: AnomalyScorer, engine: ScoringEngine, events: EventSink, metrics: EdgeMetrics, *,
                  site: str, gateway: str, model_dir: Path, local_models: dict[str, Path] | None = None,
                  hub_url: str | None = None, download_timeout_s: float = 60.0,
+                 tls_context: ssl.SSLContext | None = None,
                  retry_min_s: float = 30.0, retry_max_s: float = 1800.0) -> None:
         self.scorer = scorer
         self.engine = engine
@@ -157,6 +160,8 @@ class ModelRollout:
         self.local_paths = dict(local_models or {})
         self.hub_url = hub_url
         self.download_timeout_s = download_timeout_s
+        self.tls_context = tls_context
+        """Verifies an https hub when downloading models (``[inference] ca_file``)."""
         self.retry_min_s = retry_min_s
         self.retry_max_s = retry_max_s
         self.on_status_change: Callable[[], None] | None = None
@@ -430,7 +435,7 @@ class ModelRollout:
             url = self.hub_url.rstrip("/") + url  # as the hub builds it: public_url + path
         log.info("model_download_started", profile=item.profile, model=f"{item.name} v{item.version}", url=url,
                  size=item.size)
-        data = await asyncio.to_thread(download, url, item.size, self.download_timeout_s)
+        data = await asyncio.to_thread(download, url, item.size, self.download_timeout_s, self.tls_context)
         if len(data) != item.size:
             raise ModelLoadError(url, "download", f"got {len(data)} bytes, the assignment announced {item.size}")
         return await self.engine.load(data, url, expected_sha256=item.sha256, profile=item.profile), data
