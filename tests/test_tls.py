@@ -6,9 +6,12 @@ from __future__ import annotations
 
 import asyncio
 import http.server
+import os
+import re
 import socket
 import ssl
 import stat
+import subprocess
 import threading
 import warnings
 from collections.abc import Iterator
@@ -24,8 +27,9 @@ from edge.config import load_config as load_edge_config
 from edge.inference import download_tls_context
 from edge.inference.rollout import download
 from edge.inference.runtime import ModelLoadError
-from fleet.broker import BrokerTls, Mosquitto
+from fleet.broker import BrokerTls, Mosquitto, find_mosquitto
 from fleet.configs import write_edge_config
+from fleet.net import free_port, wait_for_port
 from fleet.procs import ReadyProcess
 from fleet.tlsca import CertAuthority
 from fleet.tlsca import main as tlsca_main
@@ -315,3 +319,77 @@ async def test_edge_process_to_hub_over_tls(tmp_path: Path, mosquitto_tls: Mosqu
     finally:
         for p in reversed(procs):
             p.stop()
+
+
+# -- the production examples -------------------------------------------------------------------
+
+
+def test_production_examples_load_with_their_certificates(tmp_path: Path) -> None:
+    """examples/{hub,edge}.production.toml through the real loaders, beside a pki/ made by fleet.tlsca."""
+    examples = Path(__file__).resolve().parents[1] / "examples"
+    etc = tmp_path / "etc-twin"
+    etc.mkdir()
+    for name in ("hub.production.toml", "edge.production.toml"):
+        (etc / name).write_text((examples / name).read_text())
+    with pytest.raises(ConfigError) as info:  # no certificates yet: each missing file named with its line
+        load_hub_config(etc / "hub.production.toml")
+    assert [p.split(": ")[1] for p in info.value.problems] == ["mqtt.ca_file", "http.tls_cert_file",
+                                                               "http.tls_key_file"]
+    assert tlsca_main([str(etc / "pki"), "--host", "hub.example.net", "--name", "hub"]) == 0
+
+    hub = load_hub_config(etc / "hub.production.toml")
+    assert (hub.mqtt.tls, hub.mqtt.port, hub.mqtt.ca_file, hub.mqtt.tls_insecure) == (
+        True, 8883, etc / "pki" / "ca.pem", False)
+    assert (hub.http.tls_cert_file, hub.http.tls_key_file) == (etc / "pki" / "hub.pem", etc / "pki" / "hub.key")
+    assert hub.http.public_url == "https://hub.example.net:8443"
+    assert "hub.example.net" in _sans(etc / "pki" / "hub.pem")
+
+    edge, profiles = load_edge_config(etc / "edge.production.toml")
+    assert (edge.mqtt.tls, edge.mqtt.port, edge.mqtt.ca_file, edge.mqtt.username) == (
+        True, 8883, etc / "pki" / "ca.pem", "gw-1")
+    assert edge.inference.hub_url == "https://hub.example.net:8443"
+    ca_subject = x509.load_pem_x509_certificate((etc / "pki" / "ca.pem").read_bytes()).subject.rfc4514_string()
+    assert len(download_tls_context(edge).get_ca_certs()) == 1 and "digital-twin" in ca_subject
+    assert list(profiles) == ["boiler-1"]
+
+
+async def test_production_mosquitto_conf_runs_tls_only_with_passwords(tmp_path: Path, tls_ca: Pki) -> None:
+    """examples/mosquitto.production.conf in a real Mosquitto (paths and port moved into tmp): TLS with a
+    password gets in; anonymous clients, wrong passwords and an unknown CA are refused."""
+    text = (Path(__file__).resolve().parents[1] / "examples" / "mosquitto.production.conf").read_text()
+    port = free_port()
+    pki = tmp_path / "pki"
+    pki.mkdir()
+    for src, dst in ((tls_ca.ca, "ca.pem"), (tls_ca.server_cert, "broker.pem"), (tls_ca.server_key, "broker.key")):
+        (pki / dst).write_bytes(src.read_bytes())
+    passwd = tmp_path / "twin.passwd"
+    passwd.touch()
+    subprocess.run(["mosquitto_passwd", "-b", str(passwd), "gw-1", "s3cret-gw-1"], check=True, timeout=30)
+    (tmp_path / "twin.acl").write_text("user gw-1\ntopic readwrite twin/#\n")
+    (tmp_path / "data").mkdir()
+    text = (text.replace("listener 8883 0.0.0.0", f"listener {port} 127.0.0.1")
+            .replace("/etc/mosquitto/pki/", f"{pki}/").replace("/etc/mosquitto/", f"{tmp_path}/")
+            .replace("/var/lib/mosquitto/", f"{tmp_path / 'data'}/")
+            .replace("log_dest syslog", f"log_dest file {tmp_path / 'mosquitto.log'}"))
+    assert not re.search(r"/etc/|/var/", text), text
+    if os.geteuid() == 0:
+        text += "user root\n"  # as in fleet.broker: stay root inside pytest's private temp dir
+    conf = tmp_path / "mosquitto.conf"
+    conf.write_text(text)
+    proc = subprocess.Popen([find_mosquitto(), "-c", str(conf)], stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    try:
+        wait_for_port("127.0.0.1", port, 10)
+        ctx = client_context(tls_ca.ca)
+        async with aiomqtt.Client("127.0.0.1", port, tls_context=ctx, username="gw-1", password="s3cret-gw-1",
+                                  timeout=5) as client:
+            await client.publish("twin/v1/site-1/gw-1/status", b"{}", qos=1)
+        for user, password in ((None, None), ("gw-1", "wrong")):
+            with pytest.raises(aiomqtt.MqttError, match=r"Not authorized|Bad user name or password"):
+                async with _timeout(10), aiomqtt.Client("127.0.0.1", port, tls_context=ctx, username=user,
+                                                        password=password, timeout=5):
+                    pass
+        assert "CERTIFICATE_VERIFY_FAILED" in await _refused(port, client_context(tls_ca.rogue_ca))
+    finally:
+        proc.terminate()
+        _, err = proc.communicate(timeout=10)
+    assert proc.returncode == 0, err.decode(errors="replace")
