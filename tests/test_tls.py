@@ -33,8 +33,10 @@ from fleet.net import free_port, wait_for_port
 from fleet.procs import ReadyProcess
 from fleet.tlsca import CertAuthority
 from fleet.tlsca import main as tlsca_main
-from hub import queries
+from hub import queries, rollout
 from hub.config import load_config as load_hub_config
+from hub.ingest import now_ms
+from hub.modelfile import inspect_model
 from hub.service import running_hub
 from protocol.tls import client_context
 from protocol.tomlconfig import ConfigError
@@ -42,6 +44,8 @@ from tests.hubtools import hub_config, wait_until
 from tests.tlstools import Pki
 
 pytestmark = pytest.mark.integration
+
+SHIPPED_BOILER_MODEL = Path(__file__).resolve().parents[1] / "models" / "shipped" / "sim-boiler-anomaly.onnx"
 
 
 def _sans(cert_path: Path) -> list[str]:
@@ -269,7 +273,8 @@ def _handshake(port: int, ctx: ssl.SSLContext) -> str | None:
 
 
 async def test_edge_process_to_hub_over_tls(tmp_path: Path, mosquitto_tls: Mosquitto, tls_ca: Pki) -> None:
-    """A real edge agent publishes through the TLS-only broker; the hub ingests over TLS and serves HTTPS."""
+    """A real edge agent publishes through the TLS-only broker; the hub ingests over TLS and serves HTTPS,
+    from which the agent downloads the model the hub rolls out."""
     cfg = hub_config(db_url=f"sqlite://{tmp_path / 'hub.db'}", mqtt_port=mosquitto_tls.port,
                      mqtt={"tls": True, "ca_file": str(tls_ca.ca)},
                      http={"tls_cert_file": str(tls_ca.server_cert), "tls_key_file": str(tls_ca.server_key)})
@@ -315,6 +320,20 @@ async def test_edge_process_to_hub_over_tls(tmp_path: Path, mosquitto_tls: Mosqu
             with pytest.raises(ssl.SSLError, match=r"UNEXPECTED_EOF|ALERT_PROTOCOL_VERSION"):
                 await asyncio.to_thread(_handshake, hub.port, old)
             assert await asyncio.to_thread(_handshake, hub.port, client_context(tls_ca.ca)) in ("TLSv1.2", "TLSv1.3")
+
+            # A model rolled out over MQTT (TLS) is downloaded from the hub over HTTPS, verified with the
+            # broker's CA (no [inference] ca_file set): it becomes the gateway's active model.
+            data = SHIPPED_BOILER_MODEL.read_bytes()
+            checked = inspect_model(data)
+            await rollout.save_version(hub.db, checked, data, "tls-test", now_ms())
+            await rollout.assign(hub.db, "sim-boiler", checked.card.name, checked.card.version, None, "tls-test",
+                                 now_ms())
+            hub.rollout.mark_all()
+            active = tmp_path / "edge" / "models" / "active.json"
+            await wait_until(lambda: active.exists() and checked.sha256 in active.read_text(), 30,
+                             f"the model downloaded over HTTPS; edge log:\n{edge.log_tail()}")
+            edge_log = (tmp_path / "edge.log").read_text()
+            assert f'"url": "{hub.api_url}/api/v1/models/{checked.card.name}/1/file"' in edge_log
             assert edge.stop() == 0  # SIGTERM: a clean TLS disconnect, exit code 0
     finally:
         for p in reversed(procs):
