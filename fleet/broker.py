@@ -52,6 +52,24 @@ class BrokerTls:
                 f"require_certificate {'true' if self.require_certificate else 'false'}\n")
 
 
+@dataclass(frozen=True)
+class BrokerAuth:
+    """Logins required: Mosquitto reads users from ``password_file`` and their rights from
+    ``acl_file`` (both written by the hub, ``hub/broker_access.py``); anonymous clients are refused.
+    Missing files are created empty at start (nobody may log in until the hub writes them)."""
+
+    password_file: Path
+    acl_file: Path
+
+    def config(self) -> str:
+        """The mosquitto.conf lines."""
+        for path in (self.password_file, self.acl_file):
+            if not path.exists():
+                path.parent.mkdir(parents=True, exist_ok=True)
+                os.close(os.open(path, os.O_WRONLY | os.O_CREAT, 0o600))
+        return f"allow_anonymous false\npassword_file {self.password_file}\nacl_file {self.acl_file}\n"
+
+
 class Mosquitto:
     """A mosquitto process with its own config, data dir and log, on 127.0.0.1.
 
@@ -61,7 +79,7 @@ class Mosquitto:
 
     def __init__(self, port: int = 0, host: str = "127.0.0.1", workdir: str | Path | None = None,
                  extra_config: str = "", tls: BrokerTls | None = None, tls_port: int = 0,
-                 plain: bool = True) -> None:
+                 plain: bool = True, auth: BrokerAuth | None = None) -> None:
         if tls is None and not plain:
             raise ValueError("a broker without the plain listener needs tls")
         self.host = host
@@ -74,12 +92,25 @@ class Mosquitto:
         self._own_dir = workdir is None
         self.workdir = Path(workdir or tempfile.mkdtemp(prefix="twin-mosquitto-"))
         self.extra_config = extra_config
+        self.auth = auth
         self.proc: subprocess.Popen[bytes] | None = None
 
     @property
     def log_path(self) -> Path:
         """Where the broker writes its log."""
         return self.workdir / "mosquitto.log"
+
+    @property
+    def pid_path(self) -> Path:
+        """A file with the broker's pid while it runs (what the hub's ``[broker_auth] reload_pid_file``
+        points at); written by this helper, since Mosquitto writes its own only when daemonised."""
+        return self.workdir / "mosquitto.pid"
+
+    def reload(self) -> None:
+        """SIGHUP: Mosquitto re-reads its password and ACL files and re-checks connected clients."""
+        if self.proc is None or self.proc.poll() is not None:
+            raise RuntimeError("mosquitto is not running")
+        self.proc.send_signal(signal.SIGHUP)
 
     def _write_config(self) -> Path:
         conf = self.workdir / "mosquitto.conf"
@@ -89,8 +120,10 @@ class Mosquitto:
         if self.tls is not None:
             listeners += f"listener {self.tls_port} {self.host}\n" + self.tls.listener_config()
         conf.write_text(
-            listeners
-            + "allow_anonymous true\n"
+            ("per_listener_settings false\n" if self.auth else "")
+            + listeners
+            + (self.auth.config() if self.auth else "allow_anonymous true\n")
+            + ""
             "persistence true\n"
             f"persistence_location {data}/\n"
             # A hub that is down for hours must find its backlog queued, not dropped at the
@@ -118,6 +151,7 @@ class Mosquitto:
         self.proc = subprocess.Popen([find_mosquitto(), "-c", str(conf)],
                                      stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
                                      start_new_session=False)
+        self.pid_path.write_text(f"{self.proc.pid}\n")
         try:
             wait_for_port(self.host, self.port, timeout)
             if self.tls_port is not None and self.tls_port != self.port:

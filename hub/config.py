@@ -16,6 +16,7 @@ from pydantic import BaseModel, ConfigDict, Field, SecretStr, ValidationError, m
 from hub.alerts.rules import AlertsConfig
 from hub.billing.config import BillingConfig, PaymentsConfig
 from hub.commands import CommandsConfig
+from hub.provisioning_config import BrokerAuthConfig, ProvisioningConfig
 from protocol.ids import NAME_PATTERN
 from protocol.tls import TlsClientOptions
 from protocol.tomlconfig import ConfigError, load_toml, parse_toml, problem_at
@@ -122,6 +123,17 @@ class HubConfig(_Section):
     """Payment provider of statements (``docs/billing.md``, "Payments")."""
     commands: CommandsConfig = CommandsConfig()
     """Setpoint commands: expiry, answer grace, sweep (``docs/commands.md``)."""
+    provisioning: ProvisioningConfig = ProvisioningConfig()
+    """Claim codes and the broker address given to provisioned gateways (``docs/security.md``)."""
+    broker_auth: BrokerAuthConfig = BrokerAuthConfig()
+    """Mosquitto password and ACL files written by the hub (``docs/security.md``)."""
+
+    @model_validator(mode="after")
+    def _broker_auth_has_hub_login(self) -> HubConfig:
+        # The hub's own broker user goes into the files it writes; without it the hub would lock itself out.
+        if self.broker_auth.enabled and (self.mqtt.username is None or self.mqtt.password is None):
+            raise ValueError("[broker_auth] enabled needs the hub's own broker login: [mqtt] username and password")
+        return self
 
 
 # Environment variable -> (section, key). Handy for containers and for launchers that pick ports.

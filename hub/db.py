@@ -30,7 +30,7 @@ log = get_logger("hub.db")
 
 Dialect = Literal["sqlite", "postgres"]
 MODELS_MODULES = ["hub.models", "hub.registry", "hub.alerts.models", "hub.billing.models", "hub.commands",
-                  "hub.gateway_config"]
+                  "hub.gateway_config", "hub.identity"]
 """Modules of the Tortoise app ``models``: fleet and readings, the anomaly-model registry, alerts, billing."""
 
 # SQLite pragmas for the hub's write pattern (one writer, large batches, concurrent API readers):

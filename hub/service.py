@@ -23,6 +23,7 @@ from hub.db import Database, redact_url
 from hub.gateway_config import GatewayConfigs
 from hub.ingest import Ingest, now_ms
 from hub.metrics import HubMetrics, IngestStats
+from hub.provisioning import build_provisioning
 from hub.rollout import Rollout
 from hub.signals import SignalBus
 from hub.store import Store
@@ -78,6 +79,8 @@ class Hub:
         # handed over from ingest (queued) to update the audit; refusals raise human-error signals.
         self.commands = CommandService(self.db, self.ingest, self.signals, config.commands, clock=now_ms)
         self.ingest.on_committed(self.commands.on_committed)
+        # Provisioning: claim codes, gateway broker logins, and (with [broker_auth]) Mosquitto's files.
+        self.provisioning = build_provisioning(config, self.db, self.configs)
         self.port: int | None = None
         self._server: _Server | None = None
         self._tasks: list[asyncio.Task[None]] = []
@@ -113,6 +116,16 @@ class Hub:
             await self.db.open()
         except Exception as exc:
             raise HubError(f"cannot open database {redact_url(self.db.url)}: {exc}") from exc
+        try:
+            # Before the ingest connects: the broker must know the hub's own login (and, after a
+            # restore or a lost file, exactly the gateways the database says are provisioned).
+            with self.db.activate():
+                gateways = await self.provisioning.sync_broker()
+        except Exception as exc:
+            await self.db.close()
+            raise HubError(f"cannot write the broker's access files: {exc}") from exc
+        if self.provisioning.access is not None:
+            log.info("broker_access_synced", gateways=gateways)
         await self.alerts.start()
         self.commands.start()
         self._tasks.append(asyncio.create_task(self.ingest.run(), name="hub-ingest"))
@@ -120,7 +133,8 @@ class Hub:
                                     metrics=self.metrics, rollout=self.rollout,
                                     signals=self.signals, billing=self.config.billing,
                                     smtp=self.config.alerts.smtp, payments=self.config.payments,
-                                    configs=self.configs, commands=self.commands))
+                                    configs=self.configs, commands=self.commands,
+                                    provisioning=self.provisioning))
         http = self.config.http
         self._server = _Server(uvicorn.Config(
             app, host=http.host, port=http.port, log_config=None,

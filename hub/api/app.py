@@ -18,6 +18,7 @@ from hub.db import Database
 from hub.gateway_config import GatewayConfigs
 from hub.ingest import Ingest, now_ms
 from hub.metrics import HubMetrics
+from hub.provisioning import Provisioning
 from hub.rollout import Rollout
 from hub.signals import SignalBus
 
@@ -48,6 +49,9 @@ class ApiContext:
     """Publishes gateways' remote configurations; ``None``: stored but not published (tests)."""
     commands: CommandService | None = None
     """Issues and audits setpoint commands (:mod:`hub.commands`); ``None``: the command routes answer 503."""
+    provisioning: Provisioning | None = None
+    """Claim codes, gateway broker logins and the broker's files (:mod:`hub.provisioning`); ``None``:
+    the provisioning routes answer 503."""
 
 
 class _ActivateDatabase:
@@ -73,7 +77,10 @@ def create_app(ctx: ApiContext) -> FastAPI:
     """Build the API around an open database (and optionally a running ingest)."""
     from hub.api.alert_routes import router as alerts_router
     from hub.api.billing_routes import router as billing_router
+    from hub.api.command_routes import router as commands_router
+    from hub.api.config_routes import router as config_router
     from hub.api.model_routes import router as models_router
+    from hub.api.provisioning_routes import router as provisioning_router
     from hub.api.routes import metrics_router, router
     from hub.api.statement_routes import router as statements_router
 
@@ -91,6 +98,9 @@ def create_app(ctx: ApiContext) -> FastAPI:
     app.include_router(alerts_router)
     app.include_router(billing_router)
     app.include_router(statements_router)
+    app.include_router(config_router)
+    app.include_router(commands_router)
+    app.include_router(provisioning_router)
     app.include_router(metrics_router)
     app.add_middleware(_ActivateDatabase, db=ctx.db)
     return app
