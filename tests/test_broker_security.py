@@ -8,6 +8,7 @@ import base64
 import contextlib
 import shutil
 import subprocess
+import sys
 from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
 from typing import Any
@@ -16,6 +17,7 @@ import aiomqtt
 import pytest
 
 from fleet.broker import BrokerAuth, BrokerUnavailable, Mosquitto
+from fleet.procs import ReadyProcess
 from hub.broker_access import GatewayLogin, acl_file_text, gateway_acl, hash_password, verify_password
 from hub.identity import GatewayCredential
 from hub.models import Device, Gateway, GatewayEvent, Reading
@@ -277,3 +279,47 @@ async def test_hub_restart_rewrites_files_from_database(tmp_path: Path, secured_
     async with secured_hub(tmp_path, secured_broker), client(secured_broker, a):
         pass
     assert "site-1.gw-a" in secured_broker.auth.acl_file.read_text()
+
+
+async def test_provisioned_agent_runs_and_is_cut_off_when_revoked(tmp_path: Path, secured_broker: Mosquitto) -> None:
+    """Field workflow end to end: create the gateway at the hub, `twin-edge provision` (a real process)
+    writes edge.toml, `twin-edge run` (a real process) polls a simulated boiler over Modbus TCP and
+    its readings reach the hub through the secured broker; revoking it stops them."""
+    procs: list[ReadyProcess] = []
+    try:
+        sim = ReadyProcess.python("twin-sim", "firmware_sim.cli", "--boilers", "1", "--meters", "0",
+                                  "--base-port", "0", "--seed", "3", log_path=tmp_path / "sim.log")
+        procs.append(sim.start())
+        boiler = sim.ready["devices"][0]
+        async with secured_hub(tmp_path, secured_broker) as hub:
+            with hub.db.activate():
+                issued = await hub.provisioning.create_gateway(
+                    "site-1", "gw-1", "tech", devices=[{"name": "boiler-1", "profile": "sim-boiler",
+                                                       "host": "127.0.0.1", "port": boiler["port"],
+                                                       "poll_interval_s": 0.2}])
+            out = tmp_path / "gw" / "edge.toml"
+            proc = await asyncio.create_subprocess_exec(
+                sys.executable, "-m", "edge.cli", "provision", "--hub", hub.api_url, "--code", issued.code,
+                "--out", str(out), stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE)
+            _, err = await asyncio.wait_for(proc.communicate(), 60)
+            assert proc.returncode == 0, err.decode()
+            with out.open("a") as fh:  # a free metrics port instead of the default 9108 (parallel tests)
+                fh.write("\n[metrics]\nport = 0\n")
+            edge = ReadyProcess.python("twin-edge", "edge.cli", "run", "--config", str(out),
+                                       log_path=tmp_path / "edge.log")
+            procs.append(await asyncio.to_thread(edge.start))
+            await hubtools.wait_until(lambda: hub.stats.readings_stored >= 20, 30, "the agent's readings at the hub")
+            assert await _stored(hub, "site-1", "gw-1") >= 20
+
+            with hub.db.activate():
+                await hub.provisioning.revoke("site-1", "gw-1", "staff")
+            await asyncio.sleep(1.0)  # what was in flight when the broker dropped the connection
+            stopped_at = hub.stats.readings_stored
+            await asyncio.sleep(2.0)  # the agent keeps polling and retrying, but nothing gets through
+            assert hub.stats.readings_stored == stopped_at
+        assert edge.proc is not None and edge.proc.poll() is None  # still running, buffering
+        log = secured_broker.log_path.read_text()
+        assert "twin-edge-site-1-gw-1" in log and "not authorised" in log
+    finally:
+        for p in reversed(procs):
+            await asyncio.to_thread(p.stop)
