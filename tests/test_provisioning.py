@@ -247,3 +247,26 @@ async def test_provision_cli_writes_private_config(tmp_path: Path, mosquitto: Mo
     rc, _, stderr = await run_cli("--hub", hub.api_url, "--code", fresh.code, "--out", str(tmp_path / "y.toml"),
                                   "--timeout", "5", cwd=tmp_path)
     assert rc == 1 and "cannot reach the hub" in stderr and not (tmp_path / "y.toml").exists()
+
+
+async def test_provision_cli_with_tls_broker(tmp_path: Path, mosquitto: Mosquitto) -> None:
+    from fleet.tlsca import main as tlsca_main
+
+    pki = tmp_path / "pki"
+    assert tlsca_main([str(pki), "--host", "broker.example.net", "--name", "broker"]) == 0
+    cfg = hubtools.hub_config(db_url=f"sqlite://{tmp_path}/hub.db", mqtt_port=mosquitto.port,
+                              provisioning={"mqtt_host": "broker.example.net", "mqtt_port": 8883, "mqtt_tls": True,
+                                            "mqtt_ca_file": str(pki / "ca.pem")})
+    async with running_hub(cfg) as hub:
+        with hub.db.activate():
+            issued = await hub.provisioning.create_gateway("site-1", "gw-tls", "tech")
+        out = tmp_path / "gw" / "edge.toml"
+        rc, stdout, stderr = await run_cli("--hub", hub.api_url, "--code", issued.code, "--out", str(out),
+                                           cwd=tmp_path)
+    assert rc == 0, stderr
+    assert "no device configuration yet" in stdout
+    edge_cfg, _ = load_edge_config(out)
+    assert (edge_cfg.mqtt.tls, edge_cfg.mqtt.port) == (True, 8883)
+    assert edge_cfg.mqtt.ca_file == out.parent / "mqtt-ca.pem"
+    assert (out.parent / "mqtt-ca.pem").read_text() == (pki / "ca.pem").read_text()
+    assert stat.S_IMODE(out.stat().st_mode) == 0o600
