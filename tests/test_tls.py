@@ -381,10 +381,11 @@ async def test_production_mosquitto_conf_runs_tls_only_with_passwords(tmp_path: 
     pki.mkdir()
     for src, dst in ((tls_ca.ca, "ca.pem"), (tls_ca.server_cert, "broker.pem"), (tls_ca.server_key, "broker.key")):
         (pki / dst).write_bytes(src.read_bytes())
-    passwd = tmp_path / "twin.passwd"
+    (tmp_path / "twin").mkdir()
+    passwd = tmp_path / "twin" / "passwd"
     passwd.touch()
     subprocess.run(["mosquitto_passwd", "-b", str(passwd), "gw-1", "s3cret-gw-1"], check=True, timeout=30)
-    (tmp_path / "twin.acl").write_text("user gw-1\ntopic readwrite twin/#\n")
+    (tmp_path / "twin" / "acl").write_text("user gw-1\ntopic readwrite twin/#\n")
     (tmp_path / "data").mkdir()
     text = (text.replace("listener 8883 0.0.0.0", f"listener {port} 127.0.0.1")
             .replace("/etc/mosquitto/pki/", f"{pki}/").replace("/etc/mosquitto/", f"{tmp_path}/")
