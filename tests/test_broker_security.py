@@ -96,8 +96,10 @@ def secured_hub_config(tmp_path: Path, broker: Mosquitto) -> Any:
 
 
 @contextlib.asynccontextmanager
-async def secured_hub(tmp_path: Path, broker: Mosquitto) -> AsyncIterator[Hub]:
-    async with running_hub(secured_hub_config(tmp_path, broker)) as hub:
+async def secured_hub(tmp_path: Path, broker: Mosquitto, share_group: str | None = None) -> AsyncIterator[Hub]:
+    config = secured_hub_config(tmp_path, broker)
+    config.mqtt.share_group = share_group
+    async with running_hub(config) as hub:
         yield hub
 
 
@@ -153,8 +155,11 @@ async def _stored(hub: Hub, site: str, gateway: str) -> int:
         return await Reading.filter(device__gateway__name=gateway, device__gateway__site__name=site).count()
 
 
-async def test_gateway_cannot_publish_as_another(tmp_path: Path, secured_broker: Mosquitto) -> None:
-    async with secured_hub(tmp_path, secured_broker) as hub:
+@pytest.mark.parametrize("share_group", [None, "hubs"])
+async def test_gateway_cannot_publish_as_another(tmp_path: Path, secured_broker: Mosquitto,
+                                                 share_group: str | None) -> None:
+    # With a share group the hub subscribes $share/hubs/twin/+/+/+/telemetry: the ACL allows that too.
+    async with secured_hub(tmp_path, secured_broker, share_group) as hub:
         a = await provision(hub, "site-1", "gw-a")
         await provision(hub, "site-1", "gw-b")
         forged = hubtools.telemetry_payload("site-1", "gw-b", hubtools.series("boiler-1", "flow_temp", 5))
