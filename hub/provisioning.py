@@ -186,17 +186,13 @@ class Provisioning:
         now = self.clock()
         await (ClaimCode.filter(gateway_id=gateway_id, used_ms=None, invalidated_ms=None).using_db(conn)
                .update(invalidated_ms=now))
-        for _ in range(3):  # a 100-bit collision is not going to happen; the unique key would catch it
-            code = new_claim_code()
-            try:
-                await ClaimCode.create(gateway_id=gateway_id, code_hash=code_hash(code), created_ms=now,
-                                       created_by=created_by[:64], expires_ms=now + self.config.claim_code_ttl_s * 1000,
-                                       using_db=conn)
-            except IntegrityError:
-                continue
-            log.info("claim_code_issued", site=site, gateway=name, by=created_by)
-            return IssuedCode(site, name, code, now + self.config.claim_code_ttl_s * 1000)
-        raise RequestRefused(503, "could not issue a claim code; try again")
+        # 100 random bits: two codes colliding is not going to happen (the unique key would refuse it).
+        code = new_claim_code()
+        expires = now + self.config.claim_code_ttl_s * 1000
+        await ClaimCode.create(gateway_id=gateway_id, code_hash=code_hash(code), created_ms=now,
+                               created_by=created_by[:64], expires_ms=expires, using_db=conn)
+        log.info("claim_code_issued", site=site, gateway=name, by=created_by)
+        return IssuedCode(site, name, code, expires)
 
     async def create_gateway(self, site: str, name: str, created_by: str,
                              devices: list[dict[str, Any]] | None = None,
