@@ -36,7 +36,7 @@ async def _run(config: HubConfig) -> int:
     stop = asyncio.Event()
     for sig in (signal.SIGINT, signal.SIGTERM):
         loop.add_signal_handler(sig, stop.set)
-    hub = Hub(config)
+    hub = Hub(config)  # the admin password, if any, from TWIN_ADMIN_PASSWORD
     starting = asyncio.create_task(hub.start(wait_subscribed=True, ready_within_s=None))
     stopping = asyncio.create_task(stop.wait())
     await asyncio.wait({starting, stopping}, return_when=asyncio.FIRST_COMPLETED)
@@ -51,6 +51,11 @@ async def _run(config: HubConfig) -> int:
         log.error("hub_start_failed", error=str(exc))
         stopping.cancel()
         return 1
+    if hub.generated_admin_password is not None:
+        # Shown once, on the terminal only (not through the logs, which may be shipped elsewhere).
+        print(f"twin-hub: created user 'admin' with password {hub.generated_admin_password} - shown only "
+              "now; set TWIN_ADMIN_PASSWORD to choose it, change it with PATCH /api/v1/users/admin",
+              file=sys.stderr, flush=True)
     # The one line on stdout launchers wait for; everything else goes to stderr as logs.
     print(json.dumps({"event": "ready", "api": hub.api_url}), flush=True)
     failed = asyncio.create_task(hub.wait())

@@ -106,6 +106,22 @@ class StatusConfig(_Section):
         return self
 
 
+class AuthConfig(_Section):
+    """``[auth]``: users' bearer tokens and sign-in limits (``docs/security.md``)."""
+
+    token_ttl_s: Annotated[int, Field(ge=60, le=86_400)] = 900
+    """Lifetime of a bearer token; short, because a token cannot be recalled (a disabled user is
+    refused at once all the same: every request checks the user)."""
+    token_secret: Annotated[SecretStr, Field(min_length=32)] | None = None
+    """HS256 signing key. Unset: the hub generates one and keeps it in its database (shared by all
+    hubs on that database). Changing it signs everybody out and invalidates model-download URLs
+    until the assignments are re-published (the hub does that at every start)."""
+    login_failures_per_minute: Annotated[int, Field(ge=1, le=10_000)] = 10
+    """Failed sign-ins allowed per username per minute; more get 429."""
+    login_attempts_per_minute: Annotated[int, Field(ge=1, le=100_000)] = 30
+    """Sign-ins allowed per client address per minute (successful ones too)."""
+
+
 class HubConfig(_Section):
     """The whole ``hub.toml``."""
 
@@ -121,6 +137,8 @@ class HubConfig(_Section):
     """Plausibility limits of meter registers, statements (``docs/billing.md``)."""
     payments: PaymentsConfig = PaymentsConfig()
     """Payment provider of statements (``docs/billing.md``, "Payments")."""
+    auth: AuthConfig = AuthConfig()
+    """Sign-in tokens and limits (``docs/security.md``)."""
     commands: CommandsConfig = CommandsConfig()
     """Setpoint commands: expiry, answer grace, sweep (``docs/commands.md``)."""
     provisioning: ProvisioningConfig = ProvisioningConfig()

@@ -30,8 +30,9 @@ log = get_logger("hub.db")
 
 Dialect = Literal["sqlite", "postgres"]
 MODELS_MODULES = ["hub.models", "hub.registry", "hub.alerts.models", "hub.billing.models", "hub.commands",
-                  "hub.gateway_config", "hub.identity"]
-"""Modules of the Tortoise app ``models``: fleet and readings, the anomaly-model registry, alerts, billing."""
+                  "hub.gateway_config", "hub.identity", "hub.users"]
+"""Modules of the Tortoise app ``models``: fleet and readings, the anomaly-model registry, alerts, billing,
+commands, gateway configuration and identity, users."""
 
 # SQLite pragmas for the hub's write pattern (one writer, large batches, concurrent API readers):
 # WAL lets readers run beside the writer; synchronous=NORMAL is durable across process crashes in

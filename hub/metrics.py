@@ -93,6 +93,14 @@ class HubMetrics:
         self._assignment_failures = Counter("twin_hub_model_assignments_publish_failures",
                                             "Model-assignment publishes that failed (retried)", registry=r)
 
+        self._logins_refused = Counter("twin_hub_logins_refused",
+                                       "Sign-ins refused, by reason (bad_credentials, disabled, rate_limited)",
+                                       ["reason"], registry=r)
+
+    def login_refused(self, reason: str) -> None:
+        """Count one refused sign-in."""
+        self._logins_refused.labels(reason).inc()
+
     def message(self, channel: str) -> None:
         """Count one received message of ``channel`` (telemetry, status, events or unknown)."""
         self.stats.messages += 1

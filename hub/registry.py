@@ -35,7 +35,7 @@ class ModelVersion(Model):
     data = fields.BinaryField()
     # Hub clock, ms since the epoch.
     uploaded_ms = fields.BigIntField()
-    # Free text for now (X-Twin-User header); becomes the authenticated user later.
+    # The signed-in user who uploaded it.
     uploaded_by = fields.CharField(max_length=128, default="")
 
     class Meta:

@@ -300,12 +300,21 @@ async def affected_gateways(db: Database, gateway: GatewayRef | None) -> list[Ga
     return await known_gateways(db)
 
 
+DownloadSigner = Callable[[str, str, str, int], str]
+"""``(site, gateway, model name, version) -> capability`` appended to the URL as ``?access=``."""
+
+
 def assignment_message(site: str, gateway: str, rows: list[AssignmentRow], base_url: str,
-                       ts_ms: int) -> ModelAssignmentV1:
-    """The retained message telling ``site/gateway`` to run ``rows``."""
+                       ts_ms: int, sign: DownloadSigner | None = None) -> ModelAssignmentV1:
+    """The retained message telling ``site/gateway`` to run ``rows``; with ``sign``, each URL
+    carries that gateway's download capability (the API requires one, or a staff login)."""
+    def url(r: AssignmentRow) -> str:
+        plain = base_url + file_path(r.name, r.version)
+        return plain if sign is None else f"{plain}?access={sign(site, gateway, r.name, r.version)}"
+
     return ModelAssignmentV1(site=site, gateway=gateway, ts=ts_ms, models=[
         ModelAssignmentItemV1(profile=r.profile, name=r.name, version=r.version, sha256=r.sha256, size=r.size,
-                              url=base_url + file_path(r.name, r.version))
+                              url=url(r))
         for r in rows])
 
 
@@ -335,6 +344,8 @@ class Rollout:
         self.base_url = base_url
         self.metrics = metrics
         self.clock = clock
+        self.sign: DownloadSigner | None = None
+        """Signs download URLs (set by the hub once its token secret is known)."""
         self.published = 0
         """Assignment messages acknowledged by the broker since start."""
         self._dirty: set[GatewayKey] = set()
@@ -414,7 +425,7 @@ class Rollout:
     async def publish_one(self, publisher: Publisher, site: str, gateway: str) -> ModelAssignmentV1:
         """Compute and publish one gateway's retained assignment list; returns the message."""
         rows = await effective_assignments(self.db, site, gateway)
-        message = assignment_message(site, gateway, rows, self.base_url(), self.clock())
+        message = assignment_message(site, gateway, rows, self.base_url(), self.clock(), self.sign)
         await publisher.publish(models_topic(site, gateway), encode(message), qos=1, retain=True)
         self.published += 1
         self.metrics.assignment_published()

@@ -11,12 +11,15 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import os
 from collections.abc import AsyncIterator, Iterator
 
 import uvicorn
 
+from hub import tokens, users
 from hub.alerts.engine import AlertEngine
 from hub.api import ApiContext, create_app
+from hub.api.access import AuthState, RateLimiter
 from hub.commands import CommandService
 from hub.config import HubConfig
 from hub.db import Database, redact_url
@@ -52,8 +55,16 @@ class HubError(RuntimeError):
 class Hub:
     """One hub: open the database, start ingest and the API, stop them in order."""
 
-    def __init__(self, config: HubConfig) -> None:
+    def __init__(self, config: HubConfig, admin_password: str | None = None) -> None:
         self.config = config
+        self.admin_password = admin_password or os.environ.get("TWIN_ADMIN_PASSWORD") or None
+        """Password of the ``admin`` user created when the database has no user (default:
+        ``TWIN_ADMIN_PASSWORD``; neither: a random one, see :attr:`generated_admin_password`)."""
+        self.generated_admin_password: str | None = None
+        """Set when start() created ``admin`` with a random password, for the CLI to show once."""
+        self.auth = AuthState(token_ttl_s=config.auth.token_ttl_s,
+                              login_failures=RateLimiter(config.auth.login_failures_per_minute, 60.0),
+                              login_attempts=RateLimiter(config.auth.login_attempts_per_minute, 60.0))
         self.metrics = HubMetrics()
         self.signals = SignalBus()
         """The one in-process signal bus of this hub (see :mod:`hub.signals`)."""
@@ -126,6 +137,12 @@ class Hub:
             raise HubError(f"cannot write the broker's access files: {exc}") from exc
         if self.provisioning.access is not None:
             log.info("broker_access_synced", gateways=gateways)
+        try:
+            with self.db.activate():
+                await self._start_auth()
+        except Exception as exc:
+            await self.db.close()
+            raise HubError(f"cannot set up users: {exc}") from exc
         await self.alerts.start()
         self.commands.start()
         self._tasks.append(asyncio.create_task(self.ingest.run(), name="hub-ingest"))
@@ -134,7 +151,7 @@ class Hub:
                                     signals=self.signals, billing=self.config.billing,
                                     smtp=self.config.alerts.smtp, payments=self.config.payments,
                                     configs=self.configs, commands=self.commands,
-                                    provisioning=self.provisioning))
+                                    provisioning=self.provisioning, auth=self.auth))
         http = self.config.http
         self._server = _Server(uvicorn.Config(
             app, host=http.host, port=http.port, log_config=None,
@@ -165,6 +182,17 @@ class Hub:
         log.info("hub_ready", api=self.api_url, db=redact_url(self.db.url), mqtt_subscribed=wait_subscribed,
                  broker=f"{self.config.mqtt.host}:{self.config.mqtt.port}",
                  share_group=self.config.mqtt.share_group)
+
+    async def _start_auth(self) -> None:
+        configured = self.config.auth.token_secret
+        self.auth.secret = (configured.get_secret_value() if configured is not None
+                            else await users.shared_secret("token-signing"))
+        secret = self.auth.secret
+        self.rollout.sign = lambda site, gw, name, version: tokens.issue_model_download(secret, site, gw, name, version)
+        self.generated_admin_password = await users.ensure_admin(self.admin_password, now_ms())
+        if self.generated_admin_password is not None or self.admin_password is not None:
+            log.info("admin_user_ready", username=users.ADMIN_USERNAME,
+                     password_source="generated" if self.generated_admin_password else "TWIN_ADMIN_PASSWORD")
 
     @staticmethod
     async def _serve(server: _Server) -> None:
@@ -208,9 +236,9 @@ class Hub:
 
 @contextlib.asynccontextmanager
 async def running_hub(config: HubConfig, wait_subscribed: bool = True,
-                      ready_within_s: float = 15.0) -> AsyncIterator[Hub]:
+                      ready_within_s: float = 15.0, admin_password: str | None = None) -> AsyncIterator[Hub]:
     """Start a :class:`Hub` for the duration of the ``async with`` block (tests, benchmarks)."""
-    hub = Hub(config)
+    hub = Hub(config, admin_password=admin_password)
     await hub.start(wait_subscribed=wait_subscribed, ready_within_s=ready_within_s)
     try:
         yield hub

@@ -16,11 +16,14 @@ import pytest
 from fleet.broker import BrokerTls, BrokerUnavailable, Mosquitto
 from fleet.net import free_port
 from fleet.postgres import PostgresCluster, PostgresUnavailable
+from tests.hubtools import ADMIN_PASSWORD
 from tests.parts import missing_part
 from tests.tlstools import Pki, make_pki
 
 # Test modules import onnxruntime directly; like the edge and hub, they keep its telemetry off.
 os.environ.setdefault("ORT_DISABLE_TELEMETRY", "1")
+# Every hub the tests start (in-process or as a process) creates `admin` with this password.
+os.environ["TWIN_ADMIN_PASSWORD"] = ADMIN_PASSWORD
 
 
 @pytest.fixture

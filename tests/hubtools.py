@@ -8,8 +8,10 @@ from __future__ import annotations
 import asyncio
 import json
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from typing import Any
+
+import httpx
 
 from hub.config import HubConfig
 from protocol.anomaly import CARD_METADATA_KEY, ModelCard, card_json
@@ -130,3 +132,57 @@ def onnx_model(card: ModelCard | None, *, features: int | None = None, window: i
     helper.set_model_props(model, props)
     onnx.checker.check_model(model)
     return bytes(model.SerializeToString())
+
+
+# -- signing in -------------------------------------------------------------------------------
+
+ADMIN_PASSWORD = "admin-password-for-tests"
+"""``TWIN_ADMIN_PASSWORD`` of every hub the tests start (set in conftest): the ``admin`` user."""
+
+
+class BearerAuth(httpx.Auth):
+    """httpx auth that signs in (OAuth2 password flow) on first use and sends the bearer token;
+    signs in again once when a request gets 401 (expired token)."""
+
+    requires_response_body = True
+
+    def __init__(self, username: str = "admin", password: str = ADMIN_PASSWORD) -> None:
+        self.username = username
+        self.password = password
+        self.token: str | None = None
+
+    def _login(self, request: httpx.Request) -> httpx.Request:
+        return httpx.Request("POST", request.url.copy_with(path="/api/v1/auth/token", query=None),
+                             data={"username": self.username, "password": self.password})
+
+    def auth_flow(self, request: httpx.Request) -> Iterator[httpx.Request]:
+        for attempt in range(2):
+            if self.token is None:
+                answer = yield self._login(request)
+                if answer.status_code != 200:
+                    raise AssertionError(f"sign-in as {self.username!r} failed: {answer.status_code} {answer.text}")
+                self.token = answer.json()["access_token"]
+            request.headers["Authorization"] = f"Bearer {self.token}"
+            response = yield request
+            if response.status_code != 401 or attempt == 1:
+                return
+            self.token = None
+
+
+ADMIN = BearerAuth()
+"""Shared admin sign-in for tests that talk to hubs started with :data:`ADMIN_PASSWORD`."""
+
+
+def admin_auth() -> BearerAuth:
+    """A fresh admin sign-in (one per hub: tokens of one hub's secret do not open another)."""
+    return BearerAuth()
+
+
+async def add_user(db: Any, username: str, role: str, password: str | None = None) -> str:
+    """Create a user directly in ``db`` (an open :class:`hub.db.Database`); returns the password."""
+    from hub import users  # tests only
+
+    password = password or f"{username}-password-1"
+    with db.activate():
+        await users.create_user(username, users.hash_password(password), users.Role(role), T0, "test")
+    return password

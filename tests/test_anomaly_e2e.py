@@ -32,6 +32,7 @@ from fleet.configs import write_edge_config, write_hub_config
 from fleet.net import free_port
 from fleet.procs import ReadyProcess
 from protocol.anomaly import CARD_METADATA_KEY, INPUT_NAME, OUTPUT_NAME, ModelCard, card_json
+from tests.hubtools import admin_auth
 from tests.parts import missing_part
 
 pytestmark = pytest.mark.integration
@@ -174,7 +175,7 @@ def fleet(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Fleet]:
                                    log_path=work / "edge.log")
         procs.append(edge.start())
 
-        with httpx.Client(base_url=hub.ready["api"], timeout=10) as api:
+        with httpx.Client(auth=admin_auth(), base_url=hub.ready["api"], timeout=10) as api:
             f_ = Fleet(work, api, sim, hub, edge, model, card)
             # The hub must know the gateway before a fleet-wide assignment can name it.
             wait_for(f_, "the gateway to report online at the hub", lambda: any(

@@ -16,7 +16,7 @@ from edge.reading import Reading
 from edge.uplink import Uplink
 from fleet.broker import Mosquitto
 from hub.service import running_hub
-from tests.hubtools import hub_config, wait_until
+from tests.hubtools import admin_auth, hub_config, wait_until
 
 DEVICES = {"boiler-1": ("boiler", "sim-boiler"), "meter-1": ("meter", "sim-meter")}
 
@@ -44,7 +44,7 @@ async def test_thinned_backlog_is_reported_and_the_rest_stored_exactly_once(mosq
         await wait_until(lambda: hub.stats.readings_stored >= kept and hub.stats.events >= n_events, 60,
                          "the kept backlog and the thinning events at the hub")
         await wait_until(lambda: buf.backlog == 0, 10, "PUBACKs for the last batches")
-        async with httpx.AsyncClient(base_url=hub.api_url) as api:
+        async with httpx.AsyncClient(auth=admin_auth(), base_url=hub.api_url) as api:
             gateways = {g["id"]: g for g in (await api.get("/api/v1/gateways")).json()}
             events = (await api.get("/api/v1/gateways/site-c.gw-c/events")).json()
         task.cancel()

@@ -24,6 +24,7 @@ from fleet.configs import write_edge_config, write_hub_config
 from fleet.faults import prometheus_values
 from fleet.net import free_port
 from fleet.procs import ReadyProcess
+from tests.hubtools import admin_auth
 
 KINDS = {"boiler-1": "boiler", "boiler-2": "boiler", "meter-1": "meter", "meter-2": "meter"}
 
@@ -75,7 +76,7 @@ def run_fleet_and_check(mosquitto: Mosquitto, work: Path, database_url: str) -> 
                                    log_path=work / "edge.log")
         procs.append(edge.start())
 
-        with httpx.Client(base_url=api, timeout=10) as client:
+        with httpx.Client(auth=admin_auth(), base_url=api, timeout=10) as client:
             # Let the fleet run until every device has a few seconds of data at the hub.
             deadline = time.monotonic() + 30
             while time.monotonic() < deadline:

@@ -17,7 +17,7 @@ from hub.api import ApiContext, create_app
 from hub.db import Database
 from hub.signals import Signal, SignalKind
 from hub.store import EventItem, TelemetryItem
-from tests.hubtools import T0, event, telemetry
+from tests.hubtools import ADMIN_PASSWORD, T0, add_user, admin_auth, event, telemetry
 
 NOW = T0 + 3_600_000
 
@@ -77,8 +77,10 @@ async def seeded(db_url: str) -> AsyncIterator[tuple[httpx.AsyncClient, Database
     db = await Database(db_url).open()
     try:
         ids = await _seed(db)
+        await add_user(db, "admin", "admin", ADMIN_PASSWORD)
         app = create_app(ApiContext(db=db, clock=lambda: NOW))
-        async with httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url="http://hub") as client:
+        async with httpx.AsyncClient(
+                auth=admin_auth(), transport=httpx.ASGITransport(app=app), base_url="http://hub") as client:
             yield client, db, ids
     finally:
         await db.close()

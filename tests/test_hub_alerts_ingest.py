@@ -17,7 +17,7 @@ from hub.ingest import now_ms
 from hub.service import running_hub
 from hub.signals import Signal, SignalKind
 from protocol.topics import status_topic
-from tests.hubtools import T0, hub_config, wait_until
+from tests.hubtools import T0, admin_auth, hub_config, wait_until
 from tests.test_hub_alerts_notify import Receiver, webhook  # noqa: F401 - fixture
 from tests.test_hub_ingest import evt, publish, tele
 
@@ -47,7 +47,8 @@ async def wait_for_alerts(http: httpx.AsyncClient, count: int, within_s: float =
 
 
 async def test_anomaly_events_over_mqtt_open_and_clear_an_alert(tmp_path: Path, mosquitto: Mosquitto) -> None:
-    async with running_hub(config(tmp_path, mosquitto)) as hub, httpx.AsyncClient(base_url=hub.api_url) as http:
+    async with running_hub(config(tmp_path, mosquitto)) as hub, httpx.AsyncClient(
+            auth=admin_auth(), base_url=hub.api_url) as http:
         await publish(mosquitto, evt("site1", "gw1", "anomaly_started", T0, device="boiler1",
                                      details={"score": 3.75, "threshold": 2.5}, message="score above threshold"))
         (alert,) = await wait_for_alerts(http, 1, state="open")
@@ -69,7 +70,8 @@ async def test_anomaly_events_over_mqtt_open_and_clear_an_alert(tmp_path: Path, 
 
 
 async def test_threshold_on_telemetry_and_human_error_signal(tmp_path: Path, mosquitto: Mosquitto) -> None:
-    async with running_hub(config(tmp_path, mosquitto)) as hub, httpx.AsyncClient(base_url=hub.api_url) as http:
+    async with running_hub(config(tmp_path, mosquitto)) as hub, httpx.AsyncClient(
+            auth=admin_auth(), base_url=hub.api_url) as http:
         now = now_ms()
         readings = [("boiler1", "pressure", i, now - 5000 + i * 1000, v, "bar", "good")
                     for i, v in enumerate([1.5, 0.6, 0.55, 1.5, 0.5])]  # two crossings below 0.8 bar
@@ -96,7 +98,7 @@ async def test_stale_device_and_offline_gateway(tmp_path: Path, mosquitto: Mosqu
     cfg = config(tmp_path, mosquitto, builtin_rules=False, evaluate_every_s=0.2, rules=[
         {"type": "stale", "name": "stale", "after_s": 3.0},
         {"type": "gateway_offline", "name": "gw-offline", "after_s": 60, "severity": "critical"}])
-    async with running_hub(cfg) as hub, httpx.AsyncClient(base_url=hub.api_url) as http:
+    async with running_hub(cfg) as hub, httpx.AsyncClient(auth=admin_auth(), base_url=hub.api_url) as http:
         await publish(mosquitto, tele("site1", "gw1", [("boiler1", "flow_temp", 1, now_ms(), 60.0, "degC", "good")]))
         await wait_until(lambda: hub.stats.readings_stored == 1, what="reading stored")
         assert await get_alerts(http) == []  # fresh
@@ -124,7 +126,7 @@ async def test_notification_from_a_running_hub(tmp_path: Path, mosquitto: Mosqui
         assert webhook.bodies[0]["event"] == "opened"
         assert hub.alerts.stats.opened == 1
         await wait_until(lambda: hub.alerts.notifier.pending == 0, within_s=10, what="the delivery recorded")
-        async with httpx.AsyncClient(base_url=hub.api_url) as http:
+        async with httpx.AsyncClient(auth=admin_auth(), base_url=hub.api_url) as http:
             text = (await http.get("/metrics")).text
         assert 'twin_hub_alerts_total{event="opened"} 1.0' in text
         assert 'twin_hub_alert_notifications_total{channel="webhook",result="delivered"} 1.0' in text
@@ -135,7 +137,8 @@ async def test_notification_from_a_running_hub(tmp_path: Path, mosquitto: Mosqui
 async def test_refused_manual_reading_raises_a_human_error_alert(tmp_path: Path, mosquitto: Mosquitto) -> None:
     # Billing refuses an implausible manual reading and emits a human-error signal on the hub's bus;
     # the engine of the same hub turns it into an alert.
-    async with running_hub(config(tmp_path, mosquitto)) as hub, httpx.AsyncClient(base_url=hub.api_url) as http:
+    async with running_hub(config(tmp_path, mosquitto)) as hub, httpx.AsyncClient(
+            auth=admin_auth(), base_url=hub.api_url) as http:
         now = now_ms()
         await publish(mosquitto, tele("site1", "gw1", [("meter1", "energy_import", 1, now - 60_000, 1000.0, "kWh",
                                                         "good")], kinds={"meter1": "meter"}))

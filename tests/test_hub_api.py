@@ -15,7 +15,7 @@ from hub.db import Database
 from hub.metrics import HubMetrics
 from hub.store import EventItem, StatusItem, Store, TelemetryItem
 from protocol.schema import GatewayState, StatusV1
-from tests.hubtools import T0, event, series, telemetry
+from tests.hubtools import ADMIN_PASSWORD, T0, add_user, admin_auth, event, series, telemetry
 
 NOW = T0 + 1_000_000  # the API's clock in these tests
 RULES = StatusConfig(stale_after_s=120, offline_after_s=600)
@@ -66,8 +66,10 @@ async def api(db_url: str) -> AsyncIterator[httpx.AsyncClient]:
         metrics = HubMetrics()
         metrics.batch(0.01, 10, 7)
         metrics.events(4, {"buffer_thinned": 1, "buffer_corrupt": 2})
+        await add_user(db, "admin", "admin", ADMIN_PASSWORD)
         app = create_app(ApiContext(db=db, status=RULES, metrics=metrics, clock=lambda: NOW))
-        async with httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url="http://hub") as client:
+        async with httpx.AsyncClient(
+                auth=admin_auth(), transport=httpx.ASGITransport(app=app), base_url="http://hub") as client:
             yield client
     finally:
         await db.close()

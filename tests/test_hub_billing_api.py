@@ -21,7 +21,7 @@ from hub.billing import models as bm
 from hub.db import Database
 from hub.signals import Signal, SignalKind
 from hub.store import Store, TelemetryItem
-from tests.hubtools import telemetry
+from tests.hubtools import BearerAuth, add_user, telemetry
 
 METER = "plant1.gw1.meter1"
 BOILER = "plant1.gw1.boiler1"
@@ -92,9 +92,10 @@ def signals() -> Signals:
 async def api(db: Database, signals: Signals) -> AsyncIterator[httpx.AsyncClient]:
     ctx = ApiContext(db=db, clock=lambda: NOW)
     ctx.signals.subscribe(signals)
+    await add_user(db, "tech-7", "staff", "tech-7-password")
     app = create_app(ctx)
-    async with httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url="http://hub",
-                                 headers={"X-Twin-User": "tech-7"}) as client:
+    async with httpx.AsyncClient(auth=BearerAuth("tech-7", "tech-7-password"),
+                                 transport=httpx.ASGITransport(app=app), base_url="http://hub") as client:
         yield client
 
 

@@ -15,7 +15,7 @@ from fleet.broker import Mosquitto
 from hub.api.schemas import iso_ms
 from hub.ingest import now_ms
 from hub.service import running_hub
-from tests.hubtools import hub_config, wait_until
+from tests.hubtools import admin_auth, hub_config, wait_until
 from tests.test_hub_ingest import publish, tele
 
 HOUR = 3_600_000
@@ -39,7 +39,7 @@ async def test_running_cost_over_mqtt_and_a_refused_reading_raises_an_alert(tmp_
     # Only the human-error rule: the old readings would also (rightly) open stale and gap alerts.
     cfg = hub_config(db_url=f"sqlite://{tmp_path}/hub.db", mqtt_port=mosquitto.port,
                      alerts={"builtin_rules": False, "rules": [{"type": "human_error", "name": "human-error"}]})
-    async with running_hub(cfg) as hub, httpx.AsyncClient(base_url=hub.api_url,
+    async with running_hub(cfg) as hub, httpx.AsyncClient(auth=admin_auth(), base_url=hub.api_url,
                                                           headers={"X-Twin-User": "tech-7"}) as http:
         t = (now_ms() // HOUR - 3) * HOUR  # a whole hour, 3 to 4 hours ago
         readings = [("meter1", "energy_import", i, t + i * HOUR, 1000.0 + 10 * i, "kWh", "good") for i in range(3)]

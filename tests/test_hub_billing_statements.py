@@ -9,6 +9,7 @@ The worked example: the seeded meter on the 23-hour day 2026-03-29 (Europe/Londo
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import hashlib
 import hmac
 import io
@@ -26,6 +27,7 @@ import pytest
 from pypdf import PdfReader
 
 from fleet.net import free_port
+from hub import users
 from hub.alerts.rules import SmtpConfig
 from hub.api import ApiContext, create_app
 from hub.billing import models as bm
@@ -33,6 +35,7 @@ from hub.billing.config import BillingConfig, PaymentsConfig
 from hub.db import Database
 from tests import test_hub_billing_api as base
 from tests.conftest import Mailbox
+from tests.hubtools import BearerAuth, add_user
 from tests.test_hub_billing_api import BOILER, METER, NOW, post_economy7
 
 db_url = base.db_url  # fixtures: the seeded database (SQLite here, PostgreSQL in test_hub_billing_postgres.py)
@@ -81,10 +84,20 @@ def fake_stripe() -> Iterator[FakeStripe]:
         server.server_close()
 
 
-def client(database: Database, **ctx: Any) -> httpx.AsyncClient:
+TECH_PASSWORD = "tech-7-password"
+
+
+@contextlib.asynccontextmanager
+async def client(database: Database, **ctx: Any) -> AsyncIterator[httpx.AsyncClient]:
+    """The API as staff user ``tech-7``."""
+    with database.activate():
+        known = await users.get_user("tech-7") is not None
+    if not known:
+        await add_user(database, "tech-7", "staff", TECH_PASSWORD)
     app = create_app(ApiContext(db=database, clock=lambda: NOW, **ctx))
-    return httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url="http://hub",
-                             headers={"X-Twin-User": "tech-7"})
+    async with httpx.AsyncClient(auth=BearerAuth("tech-7", TECH_PASSWORD), transport=httpx.ASGITransport(app=app),
+                                 base_url="http://hub") as c:
+        yield c
 
 
 @pytest.fixture

@@ -23,7 +23,7 @@ from hub.models import GatewayEvent, Reading
 from hub.service import Hub, running_hub
 from hub.store import EventItem, StatusItem, TelemetryItem, WriteResult
 from protocol.topics import events_topic, status_topic, telemetry_topic
-from tests.hubtools import T0, event_payload, hub_config, series, telemetry_payload, wait_until
+from tests.hubtools import T0, admin_auth, event_payload, hub_config, series, telemetry_payload, wait_until
 
 
 @pytest.fixture
@@ -64,7 +64,7 @@ async def test_valid_telemetry_is_stored_with_exact_values(mosquitto: Mosquitto,
     async with running_hub(config) as hub:
         await publish(mosquitto, tele("site1", "gw1", readings, kinds={"meter1": "meter"}, backlog=3))
         await wait_until(lambda: hub.stats.readings_stored == 4, what="4 readings stored")
-        async with httpx.AsyncClient(base_url=hub.api_url) as http:
+        async with httpx.AsyncClient(auth=admin_auth(), base_url=hub.api_url) as http:
             rows = (await http.get("/api/v1/devices/site1.gw1.boiler1/readings")).json()
             devices = (await http.get("/api/v1/devices")).json()
             health = (await http.get("/api/v1/health")).json()
@@ -120,7 +120,7 @@ async def test_malformed_messages_are_counted_and_ingest_continues(mosquitto: Mo
         assert hub.stats.malformed == 8
         assert hub.stats.messages == 9
         assert await count_rows(hub) == 3
-        async with httpx.AsyncClient(base_url=hub.api_url) as http:
+        async with httpx.AsyncClient(auth=admin_auth(), base_url=hub.api_url) as http:
             text = (await http.get("/metrics")).text
         assert 'twin_hub_malformed_messages_total{reason="site_mismatch"} 1.0' in text
         assert 'twin_hub_malformed_messages_total{reason="not_json"} 2.0' in text
@@ -155,7 +155,7 @@ async def test_gateway_events_stored_once_and_shown(mosquitto: Mosquitto, config
         assert dict(hub.stats.malformed_by_reason) == {"invalid": 5, "not_json": 1, "site_mismatch": 1}
         assert (hub.stats.event_messages, hub.stats.status_messages, hub.stats.telemetry_messages) == (8, 1, 2)
         assert hub.stats.readings_stored == 3
-        async with httpx.AsyncClient(base_url=hub.api_url) as http:
+        async with httpx.AsyncClient(auth=admin_auth(), base_url=hub.api_url) as http:
             (gw,) = (await http.get("/api/v1/gateways")).json()
             events = (await http.get("/api/v1/gateways/site1.gw1/events")).json()
             health = (await http.get("/api/v1/health")).json()
@@ -244,7 +244,7 @@ async def test_gateway_state_follows_status_topic(mosquitto: Mosquitto, config: 
         await wait_until(lambda: hub.stats.status_messages == 1, what="retained status")
         await publish(mosquitto, tele("site1", "gw1", [("b1", "t", 1, T0, 1.0, "", "good")]))
         await wait_until(lambda: hub.stats.readings_stored == 1)
-        async with httpx.AsyncClient(base_url=hub.api_url) as http:
+        async with httpx.AsyncClient(auth=admin_auth(), base_url=hub.api_url) as http:
             (gw,) = (await http.get("/api/v1/gateways")).json()
             assert (gw["state"], gw["status"], gw["agent_version"]) == ("online", "online", "9.9")
             # The Last Will carries an older ts (set at connect time) but arrives later: it wins.
@@ -271,7 +271,7 @@ async def test_shared_subscription_splits_without_loss_or_duplicates(mosquitto: 
         # Events are split like telemetry: each handed to one hub of the group, stored once.
         assert a.event_messages + b.event_messages == 8
         assert (a.events + b.events, a.event_duplicates + b.event_duplicates) == (8, 0)
-        async with httpx.AsyncClient(base_url=hub_b.api_url) as http:
+        async with httpx.AsyncClient(auth=admin_auth(), base_url=hub_b.api_url) as http:
             gateways = (await http.get("/api/v1/gateways")).json()
         assert {g["id"]: g["readings_dropped"] for g in gateways} == {
             "site1.gw0": 0 + 4, "site1.gw1": 1 + 5, "site1.gw2": 2 + 6, "site1.gw3": 3 + 7}
@@ -294,7 +294,7 @@ def test_cli_process_ready_line_and_clean_sigterm(mosquitto: Mosquitto, tmp_path
         api = proc.ready["api"]
         assert api.startswith("http://127.0.0.1:")
         asyncio.run(publish(mosquitto, tele("site1", "gw1", series("b1", "temp", 4))))
-        with httpx.Client(base_url=api) as http:
+        with httpx.Client(auth=admin_auth(), base_url=api) as http:
             for _ in range(500):
                 body = http.get("/api/v1/health").json()
                 if body["ingest"]["readings_stored"] == 4:

@@ -23,7 +23,7 @@ from hub.db import Database
 from hub.store import EventItem, StatusItem, Store, TelemetryItem
 from protocol.anomaly import MAX_MODEL_BYTES, card_json
 from protocol.schema import ActiveModelV1, GatewayState, ModelState, StatusV1
-from tests.hubtools import T0, event, model_card, onnx_model, series, telemetry
+from tests.hubtools import ADMIN_PASSWORD, T0, add_user, admin_auth, event, model_card, onnx_model, series, telemetry
 
 NOW = T0 + 1_000_000
 RULES = StatusConfig(stale_after_s=120, offline_after_s=600)
@@ -72,8 +72,10 @@ async def db(db_url: str) -> AsyncIterator[Database]:
 
 @pytest.fixture
 async def api(db: Database) -> AsyncIterator[httpx.AsyncClient]:
+    await add_user(db, "admin", "admin", ADMIN_PASSWORD)
     app = create_app(ApiContext(db=db, status=RULES, clock=Clock()))
-    async with httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url="http://hub") as client:
+    async with httpx.AsyncClient(
+            auth=admin_auth(), transport=httpx.ASGITransport(app=app), base_url="http://hub") as client:
         yield client
 
 
@@ -99,7 +101,7 @@ async def test_upload_stores_the_version_and_serves_the_file(api: httpx.AsyncCli
     assert stored == {
         "name": "sim-boiler-anomaly", "version": 1, "profile": "sim-boiler", "sha256": sha,
         "size": len(BOILER_FILE), "card": _card_with_sha(BOILER_FILE), "uploaded_at": "2025-11-25T14:16:41.000Z",
-        "uploaded_by": "alice", "file": "/api/v1/models/sim-boiler-anomaly/1/file"}
+        "uploaded_by": "admin", "file": "/api/v1/models/sim-boiler-anomaly/1/file"}
     assert stored["card"]["inputs"] == [{"metric": "flow_temp", "unit": "degC"},
                                         {"metric": "return_temp", "unit": "degC"},
                                         {"metric": "pressure", "unit": "bar"}]
@@ -264,7 +266,7 @@ async def test_assign_fleet_wide_and_per_gateway(api: httpx.AsyncClient) -> None
     assert r.json() == {
         "assignment": {"profile": "sim-boiler", "gateway": None, "name": "sim-boiler-anomaly", "version": 1,
                        "sha256": hashlib.sha256(v1).hexdigest(), "size": len(v1),
-                       "assigned_at": "2025-11-25T14:16:43.000Z", "assigned_by": "alice"},
+                       "assigned_at": "2025-11-25T14:16:43.000Z", "assigned_by": "admin"},
         "gateways": ["plant1.gw1", "plant1.gw2", "plant2.gw1"]}  # every known gateway
 
     r = await api.put("/api/v1/model-assignments", json={"profile": "sim-boiler", "name": "sim-boiler-anomaly",

@@ -25,7 +25,17 @@ from hub.config import HubConfig
 from hub.service import running_hub
 from protocol.schema import ModelAssignmentV1, decode_model_assignment
 from protocol.topics import events_topic, models_topic, status_topic
-from tests.hubtools import T0, event_payload, hub_config, model_card, onnx_model, series, telemetry_payload, wait_until
+from tests.hubtools import (
+    T0,
+    admin_auth,
+    event_payload,
+    hub_config,
+    model_card,
+    onnx_model,
+    series,
+    telemetry_payload,
+    wait_until,
+)
 from tests.test_hub_ingest import publish
 
 V1 = onnx_model(model_card(version=1))
@@ -120,7 +130,8 @@ async def put(http: httpx.AsyncClient, version: int, gateway: str | None = None)
 
 async def test_assignments_reach_the_gateways(mosquitto: Mosquitto, config: HubConfig) -> None:
     gateways = GatewaySide(mosquitto)
-    async with running_hub(config) as hub, gateways.listening(), httpx.AsyncClient(base_url=hub.api_url) as http:
+    async with running_hub(config) as hub, gateways.listening(), httpx.AsyncClient(
+            auth=admin_auth(), base_url=hub.api_url) as http:
         # Two gateways appear (their retained "online" status): each is told "nothing assigned".
         await publish(mosquitto, online_status("site1", "gw1"), online_status("site1", "gw2"), retain=True)
         for gw in ("gw1", "gw2"):
@@ -136,9 +147,16 @@ async def test_assignments_reach_the_gateways(mosquitto: Mosquitto, config: HubC
             msg = await gateways.wait_for("site1", gw, [("sim-boiler", 1)])
             (item,) = msg.models
             assert (item.name, item.sha256, item.size) == (MODEL, SHA1, len(V1))
-            assert item.url == f"{hub.api_url}/api/v1/models/{MODEL}/1/file"
+            # The URL carries this gateway's download capability: no user account needed.
+            assert item.url.startswith(f"{hub.api_url}/api/v1/models/{MODEL}/1/file?access=")
             assert gateways.retained[("site1", gw)] is False  # live delivery to a subscriber
-        download = await http.get(item.url)
+        async with httpx.AsyncClient() as anonymous:
+            download = await anonymous.get(item.url)
+            # The capability opens that file only: not another version, and nothing without it.
+            other = item.url.replace(f"/{MODEL}/1/file", f"/{MODEL}/2/file")
+            assert (await anonymous.get(other)).status_code == 401
+            assert (await anonymous.get(item.url.split("?")[0])).status_code == 401
+            assert (await anonymous.get(item.url[:-3] + "xyz")).status_code == 401
         assert download.status_code == 200
         assert hashlib.sha256(download.content).hexdigest() == item.sha256
         assert download.content == V1
@@ -150,7 +168,7 @@ async def test_assignments_reach_the_gateways(mosquitto: Mosquitto, config: HubC
         change = await put(http, 2, gateway="site1.gw2")
         assert change["gateways"] == ["site1.gw2"]
         (item2,) = (await gateways.wait_for("site1", "gw2", [("sim-boiler", 2)])).models
-        assert (item2.sha256, item2.url) == (SHA2, f"{hub.api_url}/api/v1/models/{MODEL}/2/file")
+        assert (item2.sha256, item2.url.split("?")[0]) == (SHA2, f"{hub.api_url}/api/v1/models/{MODEL}/2/file")
         assert hashlib.sha256((await http.get(item2.url)).content).hexdigest() == SHA2
         await wait_until(lambda: hub.rollout.published == published + 1, what="the broker's PUBACK")
         await asyncio.sleep(0.2)
@@ -189,7 +207,8 @@ async def test_assignments_reach_the_gateways(mosquitto: Mosquitto, config: HubC
 async def test_republished_on_hub_start_and_after_the_broker_lost_them(mosquitto: Mosquitto,
                                                                         config: HubConfig) -> None:
     gateways = GatewaySide(mosquitto)
-    async with running_hub(config) as hub, gateways.listening(), httpx.AsyncClient(base_url=hub.api_url) as http:
+    async with running_hub(config) as hub, gateways.listening(), httpx.AsyncClient(
+            auth=admin_auth(), base_url=hub.api_url) as http:
         await publish(mosquitto, online_status("site1", "gw1"), retain=True)
         await gateways.wait_for("site1", "gw1", [])
         await upload(http, V1)
@@ -202,7 +221,7 @@ async def test_republished_on_hub_start_and_after_the_broker_lost_them(mosquitto
         again = GatewaySide(mosquitto, "gateways-after-restart")
         async with again.listening():
             msg = await again.wait_for("site1", "gw1", [("sim-boiler", 1)])
-            assert msg.models[0].url == f"{hub.api_url}/api/v1/models/{MODEL}/1/file"  # this hub's port
+            assert msg.models[0].url.split("?")[0] == f"{hub.api_url}/api/v1/models/{MODEL}/1/file"  # this hub's port
 
         # A broker that comes back without its stored state (no persistence, disk lost) has no
         # retained messages: the hub publishes them again once it is subscribed again.
@@ -220,16 +239,17 @@ async def test_republished_on_hub_start_and_after_the_broker_lost_them(mosquitto
 async def test_public_url_is_used_in_assignments(mosquitto: Mosquitto, db_url: str) -> None:
     config = hub_config(db_url=db_url, mqtt_port=mosquitto.port, http={"public_url": "https://hub.example.com/twin/"})
     gateways = GatewaySide(mosquitto)
-    async with running_hub(config) as hub, gateways.listening(), httpx.AsyncClient(base_url=hub.api_url) as http:
+    async with running_hub(config) as hub, gateways.listening(), httpx.AsyncClient(
+            auth=admin_auth(), base_url=hub.api_url) as http:
         await publish(mosquitto, online_status("site1", "gw1"), retain=True)
         await upload(http, V1)
         await put(http, 1)
         (item,) = (await gateways.wait_for("site1", "gw1", [("sim-boiler", 1)])).models
-        assert item.url == f"https://hub.example.com/twin/api/v1/models/{MODEL}/1/file"
+        assert item.url.split("?")[0] == f"https://hub.example.com/twin/api/v1/models/{MODEL}/1/file"
 
 
 async def test_model_reports_and_anomaly_events_over_mqtt(mosquitto: Mosquitto, config: HubConfig) -> None:
-    async with running_hub(config) as hub, httpx.AsyncClient(base_url=hub.api_url) as http:
+    async with running_hub(config) as hub, httpx.AsyncClient(auth=admin_auth(), base_url=hub.api_url) as http:
         await publish(mosquitto, online_status("site1", "gw1"), retain=True)
         await wait_until(lambda: hub.stats.status_messages == 1, what="status stored")
         await upload(http, V1)

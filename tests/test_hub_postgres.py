@@ -16,7 +16,7 @@ from fleet.broker import Mosquitto
 from fleet.postgres import PostgresCluster
 from hub.service import running_hub
 from protocol.topics import events_topic, telemetry_topic
-from tests.hubtools import T0, event_payload, hub_config, series, telemetry_payload, wait_until
+from tests.hubtools import T0, admin_auth, event_payload, hub_config, series, telemetry_payload, wait_until
 from tests.test_hub_api import (  # noqa: F401 - collected here with the PostgreSQL db_url
     api,
     test_bad_event_parameters_422,
@@ -79,7 +79,7 @@ async def test_ingest_into_postgres(mosquitto: Mosquitto, db_url: str) -> None:
         assert (hub.stats.readings_stored, hub.stats.duplicates) == (500, 500)
         assert (hub.stats.events, hub.stats.event_duplicates) == (1, 1)
         assert await count_rows(hub) == 500
-        async with httpx.AsyncClient(base_url=hub.api_url) as http:
+        async with httpx.AsyncClient(auth=admin_auth(), base_url=hub.api_url) as http:
             (gw,) = (await http.get("/api/v1/gateways")).json()
             events = (await http.get("/api/v1/gateways/site1.gw1/events")).json()
         assert (gw["id"], gw["readings_dropped"]) == ("site1.gw1", 64)

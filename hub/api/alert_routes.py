@@ -10,6 +10,7 @@ from pydantic import BaseModel, ConfigDict, Field
 from hub.alerts import engine
 from hub.alerts.models import Alert, AlertState
 from hub.alerts.rules import Severity
+from hub.api.access import FIELD, READERS, allow
 from hub.api.app import ApiContext
 from hub.api.schemas import iso_ms
 from protocol.ids import NAME_PATTERN
@@ -97,7 +98,7 @@ _409: dict[int | str, dict[str, Any]] = {409: {"description": "Not possible in t
     "application/json": {"example": {"detail": "alert 42 is cleared; a cleared alert cannot be acknowledged"}}}}}
 
 
-@router.get("/alerts", response_model=list[AlertOut])
+@router.get("/alerts", dependencies=[allow(*READERS)], response_model=list[AlertOut])
 async def list_alerts(
     ctx: Ctx,
     state: Annotated[list[AlertState] | None, Query(description="Only these states (repeat the parameter)")] = None,
@@ -139,13 +140,14 @@ async def _detail(ctx: ApiContext, alert: Alert) -> dict[str, Any]:
          "message": e["message"]} for e in events]}
 
 
-@router.get("/alerts/{alert_id}", response_model=AlertDetailOut, responses=_404)
+@router.get("/alerts/{alert_id}", dependencies=[allow(*READERS)], response_model=AlertDetailOut, responses=_404)
 async def get_alert(ctx: Ctx, alert_id: AlertId) -> dict[str, Any]:
     """One alert with its history (opened, retriggered, acknowledged, cleared, notifications)."""
     return await _detail(ctx, await _alert_or_404(ctx, alert_id))
 
 
-@router.post("/alerts/{alert_id}/ack", response_model=AlertDetailOut, responses={**_404, **_409})
+@router.post("/alerts/{alert_id}/ack",
+    dependencies=[allow(*FIELD)], response_model=AlertDetailOut, responses={**_404, **_409})
 async def ack_alert(ctx: Ctx, alert_id: AlertId, body: Annotated[ActionIn, Body()]) -> dict[str, Any]:
     """Acknowledge an open alert: someone is on it. It stays until cleared (by hand, or by itself
     when its rule clears automatically); a repeat of the condition counts on it. **409** when it is
@@ -159,7 +161,8 @@ async def ack_alert(ctx: Ctx, alert_id: AlertId, body: Annotated[ActionIn, Body(
     return await _detail(ctx, alert)
 
 
-@router.post("/alerts/{alert_id}/clear", response_model=AlertDetailOut, responses={**_404, **_409})
+@router.post("/alerts/{alert_id}/clear",
+    dependencies=[allow(*FIELD)], response_model=AlertDetailOut, responses={**_404, **_409})
 async def clear_alert(ctx: Ctx, alert_id: AlertId, body: Annotated[ActionIn, Body()]) -> dict[str, Any]:
     """Clear an open or acknowledged alert by hand; the next breach opens a new alert. **409** when
     it is already cleared."""

@@ -11,6 +11,7 @@ from starlette.types import ASGIApp, Receive, Scope, Send
 
 from hub import __version__
 from hub.alerts.rules import SmtpConfig
+from hub.api.access import AuthState, check_routes
 from hub.billing.config import BillingConfig, PaymentsConfig
 from hub.commands import CommandService
 from hub.config import StatusConfig
@@ -45,6 +46,8 @@ class ApiContext:
     """The mail server statements are e-mailed through (``[alerts.smtp]``)."""
     payments: PaymentsConfig = field(default_factory=PaymentsConfig)
     """The payment provider of statements (``[payments]``; off by default)."""
+    auth: AuthState = field(default_factory=AuthState)
+    """Token secret and lifetime, sign-in rate limits (``[auth]``)."""
     configs: GatewayConfigs | None = None
     """Publishes gateways' remote configurations; ``None``: stored but not published (tests)."""
     commands: CommandService | None = None
@@ -76,6 +79,7 @@ class _ActivateDatabase:
 def create_app(ctx: ApiContext) -> FastAPI:
     """Build the API around an open database (and optionally a running ingest)."""
     from hub.api.alert_routes import router as alerts_router
+    from hub.api.auth_routes import router as auth_router
     from hub.api.billing_routes import router as billing_router
     from hub.api.command_routes import router as commands_router
     from hub.api.config_routes import router as config_router
@@ -93,14 +97,11 @@ def create_app(ctx: ApiContext) -> FastAPI:
         openapi_url="/openapi.json",
     )
     app.state.hub = ctx
-    app.include_router(router)
-    app.include_router(models_router)
-    app.include_router(alerts_router)
-    app.include_router(billing_router)
-    app.include_router(statements_router)
-    app.include_router(config_router)
-    app.include_router(commands_router)
-    app.include_router(provisioning_router)
-    app.include_router(metrics_router)
+    # Checked on each router before inclusion: FastAPI (0.16x) includes routers lazily, so the
+    # app's own route list does not hold the APIRoute objects.
+    for r in (auth_router, router, models_router, alerts_router, billing_router, statements_router, config_router,
+              commands_router, provisioning_router, metrics_router):
+        check_routes(r.routes)
+        app.include_router(r)
     app.add_middleware(_ActivateDatabase, db=ctx.db)
     return app

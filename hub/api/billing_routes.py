@@ -12,9 +12,10 @@ from datetime import datetime
 from decimal import Decimal
 from typing import Annotated, Any
 
-from fastapi import APIRouter, Header, HTTPException, Query
+from fastapi import APIRouter, HTTPException, Query
 
 from hub import queries
+from hub.api.access import FIELD, STAFF, ActingUser, allow
 from hub.api.app import ApiContext
 from hub.api.billing_schemas import (
     AssignmentIn,
@@ -42,8 +43,7 @@ from hub.signals import Signal, SignalKind
 
 router = APIRouter(prefix="/api/v1", tags=["billing"])
 
-User = Annotated[str, Header(alias="X-Twin-User", max_length=128,
-                             description="Who does this (free text until the API has authentication)")]
+User = ActingUser
 MAX_FUTURE_MS = 5 * 60_000
 """A manual reading may be dated at most this far ahead of the hub's clock."""
 
@@ -83,7 +83,7 @@ def _tariff_out(t: TariffRecord) -> TariffOut:
         created_at=iso_ms(t.created_ms), created_by=t.created_by)
 
 
-@router.post("/tariffs", response_model=TariffOut, status_code=201, responses={
+@router.post("/tariffs", dependencies=[allow(*STAFF)], response_model=TariffOut, status_code=201, responses={
     **_error(409, "The name is taken", "a tariff named 'economy7' already exists; ..."),
     **_error(422, "Invalid tariff: overlapping or missing bands, unknown currency or time zone, floats",
              "bands 'day' and 'night' overlap on weekdays at 07:00")})
@@ -107,7 +107,7 @@ async def create_tariff(ctx: Ctx, body: TariffIn, user: User = "") -> TariffOut:
         raise _raise(exc) from None
 
 
-@router.get("/tariffs", response_model=list[TariffOut])
+@router.get("/tariffs", dependencies=[allow(*STAFF)], response_model=list[TariffOut])
 async def list_tariffs(ctx: Ctx) -> list[TariffOut]:
     """Every tariff, by name."""
     return [_tariff_out(t) for t in await service.list_tariffs(ctx.db)]
@@ -121,7 +121,8 @@ def _assignment_out(a: AssignmentRecord) -> AssignmentOut:
                          created_at=iso_ms(a.created_ms), created_by=a.created_by)
 
 
-@router.post("/tariff-assignments", response_model=AssignmentOut, status_code=201, responses={
+@router.post("/tariff-assignments",
+    dependencies=[allow(*STAFF)], response_model=AssignmentOut, status_code=201, responses={
     **_error(404, "Unknown tariff, meter or site", "unknown tariff 'economy8'"),
     **_error(409, "The meter (site) already has an assignment from that instant",
              "meter 'plant1.gw1.meter1' already has a tariff assignment effective from that instant; ..."),
@@ -151,7 +152,8 @@ async def create_assignment(ctx: Ctx, body: AssignmentIn, user: User = "") -> As
     return _assignment_out(record)
 
 
-@router.get("/tariff-assignments", response_model=list[AssignmentOut], responses=_METER_ERRORS)
+@router.get("/tariff-assignments",
+    dependencies=[allow(*STAFF)], response_model=list[AssignmentOut], responses=_METER_ERRORS)
 async def list_assignments(
     ctx: Ctx,
     meter: Annotated[str | None, Query(max_length=200, description="Only those that concern this meter "
@@ -173,7 +175,8 @@ def _iso(ms: int) -> str:
     return iso_ms(ms) or str(ms)
 
 
-@router.post("/meters/{meter_id}/readings", response_model=ManualReadingOut, status_code=201, responses={
+@router.post("/meters/{meter_id}/readings",
+    dependencies=[allow(*FIELD)], response_model=ManualReadingOut, status_code=201, responses={
     **_METER_ERRORS,
     **_error(409, "The meter already has a manual reading at that time",
              "meter 'plant1.gw1.meter1' already has a manual reading at that time"),
@@ -220,7 +223,7 @@ async def submit_reading(ctx: Ctx, meter_id: str, body: ManualReadingIn, user: U
 
 # -- cost ------------------------------------------------------------------------------------------
 
-@router.get("/meters/{meter_id}/cost", response_model=CostOut, responses=_METER_ERRORS)
+@router.get("/meters/{meter_id}/cost", dependencies=[allow(*STAFF)], response_model=CostOut, responses=_METER_ERRORS)
 async def meter_cost(
     ctx: Ctx,
     meter_id: str,

@@ -6,10 +6,11 @@ from __future__ import annotations
 import asyncio
 from typing import Annotated, Any, Literal
 
-from fastapi import APIRouter, Header, HTTPException, Path, Query, Request, Response
+from fastapi import APIRouter, HTTPException, Path, Query, Request, Response
 from fastapi.responses import JSONResponse
 
 from hub import queries, rollout
+from hub.api.access import READERS, STAFF, ActingUser, allow, allow_or_model_capability
 from hub.api.routes import MAX_LIMIT, Ctx, NameQuery, gateway_or_404
 from hub.api.schemas import (
     AssignedModelOut,
@@ -31,8 +32,7 @@ router = APIRouter(prefix="/api/v1")
 
 NamePath = Annotated[str, Path(pattern=NAME_PATTERN, max_length=64)]
 VersionPath = Annotated[int, Path(ge=1)]
-User = Annotated[str | None, Header(alias="X-Twin-User", max_length=128,
-                                    description="Who does this (free text until the API has authentication)")]
+User = ActingUser
 
 
 def _error(status: int, description: str, example: str) -> dict[int | str, dict[str, Any]]:
@@ -85,14 +85,14 @@ async def _read_model_body(request: Request) -> bytes:
 
 
 @router.post(
-    "/models", response_model=ModelVersionOut, status_code=201, responses=_UPLOAD_ERRORS,
+    "/models", dependencies=[allow(*STAFF)], response_model=ModelVersionOut, status_code=201, responses=_UPLOAD_ERRORS,
     openapi_extra={"requestBody": {"required": True, "content": {
         "application/octet-stream": {"schema": {"type": "string", "format": "binary"}}}}},
 )
 async def upload_model(
     ctx: Ctx,
     request: Request,
-    user: User = None,
+    user: User,
     name: Annotated[str | None, Query(pattern=NAME_PATTERN, max_length=64,
                                       description="Refuse the file unless its card has this name")] = None,
     version: Annotated[int | None, Query(ge=1, description="Refuse the file unless its card has this version")] = None,
@@ -124,7 +124,7 @@ async def upload_model(
     return JSONResponse(_version_out(stored).model_dump(), status_code=201 if created else 200)
 
 
-@router.get("/models", response_model=list[ModelVersionOut])
+@router.get("/models", dependencies=[allow(*READERS)], response_model=list[ModelVersionOut])
 async def list_models(
     ctx: Ctx,
     name: NameQuery = None,
@@ -142,13 +142,15 @@ async def _version_or_404(ctx: Ctx, name: str, version: int) -> VersionRow:
     return found
 
 
-@router.get("/models/{name}/{version}", response_model=ModelVersionOut, responses=_MODEL_NOT_FOUND)
+@router.get("/models/{name}/{version}",
+    dependencies=[allow(*READERS)], response_model=ModelVersionOut, responses=_MODEL_NOT_FOUND)
 async def get_model(ctx: Ctx, name: NamePath, version: VersionPath) -> ModelVersionOut:
     """One stored model version with its card."""
     return _version_out(await _version_or_404(ctx, name, version))
 
 
-@router.get("/models/{name}/{version}/file", response_class=Response, responses={
+@router.get("/models/{name}/{version}/file",
+    dependencies=[allow_or_model_capability(*STAFF)], response_class=Response, responses={
     200: {"description": "The ONNX file", "content": {"application/octet-stream": {}}},
     304: {"description": "If-None-Match named this file's ETag"}, **_MODEL_NOT_FOUND})
 async def get_model_file(ctx: Ctx, request: Request, name: NamePath, version: VersionPath) -> Response:
@@ -180,11 +182,11 @@ def _republish(ctx: Ctx, gateways: list[rollout.GatewayKey]) -> list[str]:
     return [f"{site}.{gw}" for site, gw in gateways]
 
 
-@router.put("/model-assignments", response_model=AssignmentChangeOut, responses={
+@router.put("/model-assignments", dependencies=[allow(*STAFF)], response_model=AssignmentChangeOut, responses={
     **_error(404, "Unknown model version or gateway", "unknown gateway 'site-1.nope'"),
     **_error(422, "The model is made for another profile",
              "model sim-meter-anomaly v1 is made for profile 'sim-meter', not 'sim-boiler'")})
-async def put_assignment(ctx: Ctx, body: AssignmentIn, user: User = None) -> AssignmentChangeOut:
+async def put_assignment(ctx: Ctx, body: AssignmentIn, user: User) -> AssignmentChangeOut:
     """Assign a model version to the devices of ``profile``: fleet-wide (no ``gateway``) or on one
     gateway (``site.gateway``; a gateway's own assignment beats the fleet-wide one). Replaces what
     was assigned there. Every affected gateway is sent its new assignment list (retained MQTT
@@ -199,7 +201,7 @@ async def put_assignment(ctx: Ctx, body: AssignmentIn, user: User = None) -> Ass
     return AssignmentChangeOut(assignment=_assignment_out(made), gateways=_republish(ctx, affected))
 
 
-@router.delete("/model-assignments", response_model=AssignmentChangeOut, responses={
+@router.delete("/model-assignments", dependencies=[allow(*STAFF)], response_model=AssignmentChangeOut, responses={
     **_error(404, "No such assignment, or unknown gateway", "no fleet-wide assignment for profile 'sim-boiler'")})
 async def delete_assignment(
     ctx: Ctx,
@@ -217,7 +219,7 @@ async def delete_assignment(
     return AssignmentChangeOut(assignment=_assignment_out(removed), gateways=_republish(ctx, affected))
 
 
-@router.get("/model-assignments", response_model=list[AssignmentOut])
+@router.get("/model-assignments", dependencies=[allow(*READERS)], response_model=list[AssignmentOut])
 async def list_assignments(
     ctx: Ctx,
     profile: NameQuery = None,
@@ -242,7 +244,8 @@ def _rollout_state(assigned: AssignmentRow | None, running: RunningModelOut | No
     return "pending"
 
 
-@router.get("/gateways/{gateway_id}/models", response_model=GatewayModelsOut, responses=_error(
+@router.get("/gateways/{gateway_id}/models",
+    dependencies=[allow(*READERS)], response_model=GatewayModelsOut, responses=_error(
     404, "Unknown gateway", "unknown gateway 'plant1.nope'"))
 async def gateway_models(ctx: Ctx, gateway_id: str) -> GatewayModelsOut:
     """Per device profile: the model assigned to the gateway (its own or fleet-wide), what the

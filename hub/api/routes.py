@@ -10,6 +10,7 @@ from fastapi import APIRouter, Depends, HTTPException, Query, Request, Response
 from fastapi.responses import JSONResponse
 
 from hub import __version__, queries
+from hub.api.access import READERS, allow, public
 from hub.api.app import ApiContext
 from hub.api.schemas import (
     NO_ANOMALY,
@@ -63,7 +64,9 @@ def _time_range(since: datetime | None, until: datetime | None) -> tuple[int | N
     return since_ms, until_ms
 
 
-@router.get("/health", response_model=HealthOut, responses={503: {"model": HealthOut}})
+@router.get("/health",
+    dependencies=[public("liveness for load balancers and process supervisors; no fleet data")],
+    response_model=HealthOut, responses={503: {"model": HealthOut}})
 async def health(ctx: Ctx) -> JSONResponse:
     """Database and broker connection state plus ingest counters. HTTP 503 while degraded."""
     db_ok = await ctx.db.ping()
@@ -97,7 +100,7 @@ def _device_out(ctx: ApiContext, d: queries.DeviceRow, now: int,
                      last_seen=iso_ms(d.last_seen_ms), first_seen=iso_ms(d.first_seen_ms), anomaly=anomaly)
 
 
-@router.get("/devices", response_model=list[DeviceOut])
+@router.get("/devices", dependencies=[allow(*READERS)], response_model=list[DeviceOut])
 async def list_devices(ctx: Ctx, site: NameQuery = None, gateway: NameQuery = None) -> list[DeviceOut]:
     """All devices ever seen, ordered by id, with liveness and anomaly state; optionally only one
     site's or gateway's."""
@@ -114,14 +117,15 @@ async def _device_or_404(ctx: ApiContext, device_id: str) -> queries.DeviceRow:
     return dev
 
 
-@router.get("/devices/{device_id}", response_model=DeviceOut, responses=_NOT_FOUND)
+@router.get("/devices/{device_id}", dependencies=[allow(*READERS)], response_model=DeviceOut, responses=_NOT_FOUND)
 async def get_device(ctx: Ctx, device_id: str) -> DeviceOut:
     """One device by uid ``site.gateway.device``."""
     dev = await _device_or_404(ctx, device_id)
     return _device_out(ctx, dev, ctx.clock(), await queries.anomaly_states(ctx.db, dev.gateway_pk))
 
 
-@router.get("/devices/{device_id}/latest", response_model=LatestOut, responses=_NOT_FOUND)
+@router.get("/devices/{device_id}/latest",
+    dependencies=[allow(*READERS)], response_model=LatestOut, responses=_NOT_FOUND)
 async def latest(ctx: Ctx, device_id: str) -> LatestOut:
     """Newest value of each metric of the device (by reading timestamp)."""
     dev = await _device_or_404(ctx, device_id)
@@ -131,7 +135,8 @@ async def latest(ctx: Ctx, device_id: str) -> LatestOut:
         for r in rows})
 
 
-@router.get("/devices/{device_id}/readings", response_model=list[ReadingOut], responses=_NOT_FOUND)
+@router.get("/devices/{device_id}/readings",
+    dependencies=[allow(*READERS)], response_model=list[ReadingOut], responses=_NOT_FOUND)
 async def readings(
     ctx: Ctx,
     device_id: str,
@@ -149,7 +154,7 @@ async def readings(
                        quality=r.quality, seq=r.seq) for r in rows]
 
 
-@router.get("/gateways", response_model=list[GatewayOut])
+@router.get("/gateways", dependencies=[allow(*READERS)], response_model=list[GatewayOut])
 async def list_gateways(ctx: Ctx) -> list[GatewayOut]:
     """All gateways with their announced state, liveness, backlog, dropped readings and device count."""
     now = ctx.clock()
@@ -177,7 +182,8 @@ async def gateway_or_404(ctx: ApiContext, gateway_id: str) -> queries.GatewayRef
     return gw
 
 
-@router.get("/gateways/{gateway_id}/events", response_model=list[EventOut], responses=_GATEWAY_NOT_FOUND)
+@router.get("/gateways/{gateway_id}/events",
+    dependencies=[allow(*READERS)], response_model=list[EventOut], responses=_GATEWAY_NOT_FOUND)
 async def gateway_events(
     ctx: Ctx,
     gateway_id: str,
@@ -199,7 +205,8 @@ async def gateway_events(
     return [_event_out(e) for e in rows]
 
 
-@router.get("/devices/{device_id}/anomalies", response_model=list[EventOut], responses=_NOT_FOUND)
+@router.get("/devices/{device_id}/anomalies",
+    dependencies=[allow(*READERS)], response_model=list[EventOut], responses=_NOT_FOUND)
 async def device_anomalies(
     ctx: Ctx,
     device_id: str,
@@ -216,7 +223,8 @@ async def device_anomalies(
     return [_event_out(e) for e in rows]
 
 
-@metrics_router.get("/metrics", include_in_schema=False)
+@metrics_router.get("/metrics",
+    dependencies=[public("Prometheus scrape: counters only; restrict by network")], include_in_schema=False)
 async def metrics(ctx: Ctx) -> Response:
     """Prometheus text exposition of the ingest counters."""
     return Response(ctx.metrics.render(), media_type=CONTENT_TYPE)

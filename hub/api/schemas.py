@@ -156,7 +156,7 @@ class ModelVersionOut(BaseModel):
     size: int = Field(description="File size in bytes")
     card: dict[str, Any] = Field(description="The model card (protocol.anomaly.ModelCard) with sha256")
     uploaded_at: str | None = Field(description="ISO 8601 UTC (hub clock)")
-    uploaded_by: str = Field(description="X-Twin-User header of the upload (free text until there is auth)")
+    uploaded_by: str = Field(description="The signed-in user who uploaded it")
     file: str = Field(description="Path of the file download, `/api/v1/models/{name}/{version}/file`")
 
 

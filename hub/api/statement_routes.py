@@ -10,9 +10,10 @@ import asyncio
 from datetime import datetime
 from typing import Annotated, Any
 
-from fastapi import APIRouter, Header, HTTPException, Query, Request, Response
+from fastapi import APIRouter, HTTPException, Query, Request, Response
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
+from hub.api.access import STAFF, ActingUser, allow, public
 from hub.api.app import ApiContext
 from hub.api.routes import Ctx
 from hub.api.schemas import iso_ms, to_ms
@@ -27,8 +28,7 @@ log = get_logger("hub.api.statements")
 
 router = APIRouter(prefix="/api/v1", tags=["statements"])
 
-User = Annotated[str, Header(alias="X-Twin-User", max_length=128,
-                             description="Who does this (free text until the API has authentication)")]
+User = ActingUser
 Number = Annotated[str, Field(pattern=r"^ST-\d{4}-\d{6}$")]
 
 
@@ -149,7 +149,7 @@ async def _send(ctx: ApiContext, s: StatementRecord) -> StatementRecord:
     return await _statement(ctx, s.number)
 
 
-@router.post("/statements", response_model=StatementOut, status_code=201, responses={
+@router.post("/statements", dependencies=[allow(*STAFF)], response_model=StatementOut, status_code=201, responses={
     **_error(404, "Unknown meter or site", "unknown meter 'plant1.gw1.nope'"),
     **_error(409, "The period (or an overlapping one) is already closed",
              "statement ST-2026-000001 (meter:plant1.gw1.meter1) already covers the same period; ..."),
@@ -173,7 +173,7 @@ async def close_statement(ctx: Ctx, body: StatementIn, user: User = "") -> State
     return _out(s)
 
 
-@router.get("/statements", response_model=list[StatementOut])
+@router.get("/statements", dependencies=[allow(*STAFF)], response_model=list[StatementOut])
 async def list_statements(
     ctx: Ctx,
     meter: Annotated[str | None, Query(max_length=200)] = None,
@@ -186,7 +186,7 @@ async def list_statements(
     return [_out(s) for s in await statements.list_statements(ctx.db, target)]
 
 
-@router.get("/statements/{number}.html", response_class=Response, responses={
+@router.get("/statements/{number}.html", dependencies=[allow(*STAFF)], response_class=Response, responses={
     200: {"content": {"text/html": {}}, "description": "The statement as an HTML page"}, **_NOT_FOUND})
 async def statement_html(ctx: Ctx, number: str) -> Response:
     """The statement as an HTML page."""
@@ -194,7 +194,7 @@ async def statement_html(ctx: Ctx, number: str) -> Response:
     return Response(render_html(s.document, s.status, s.content_hash), media_type="text/html; charset=utf-8")
 
 
-@router.get("/statements/{number}.pdf", response_class=Response, responses={
+@router.get("/statements/{number}.pdf", dependencies=[allow(*STAFF)], response_class=Response, responses={
     200: {"content": {"application/pdf": {}}, "description": "The statement as a PDF"}, **_NOT_FOUND})
 async def statement_pdf(ctx: Ctx, number: str) -> Response:
     """The statement as a PDF document."""
@@ -204,13 +204,13 @@ async def statement_pdf(ctx: Ctx, number: str) -> Response:
                     headers={"Content-Disposition": f'inline; filename="{s.number}.pdf"'})
 
 
-@router.get("/statements/{number}", response_model=StatementOut, responses=_NOT_FOUND)
+@router.get("/statements/{number}", dependencies=[allow(*STAFF)], response_model=StatementOut, responses=_NOT_FOUND)
 async def get_statement(ctx: Ctx, number: str) -> StatementOut:
     """One statement as JSON."""
     return _out(await _statement(ctx, number))
 
 
-@router.post("/statements/{number}/send", response_model=StatementOut, responses={
+@router.post("/statements/{number}/send", dependencies=[allow(*STAFF)], response_model=StatementOut, responses={
     **_NOT_FOUND, **_error(502, "The SMTP server did not take the message after every try",
                            "sending statement ST-2026-000001 failed after 3 attempt(s): ...")})
 async def send_statement(ctx: Ctx, number: str) -> StatementOut:
@@ -229,7 +229,7 @@ def _provider(ctx: ApiContext) -> PaymentProvider:
     return provider
 
 
-@router.post("/statements/{number}/checkout", response_model=CheckoutOut, responses={
+@router.post("/statements/{number}/checkout", dependencies=[allow(*STAFF)], response_model=CheckoutOut, responses={
     **_NOT_FOUND, **_error(409, "Already paid", "statement ST-2026-000001 is already paid"),
     **_error(502, "The payment provider refused or could not be reached", "Stripe refused the checkout: ..."),
     **_error(503, "Payments are not configured", "payments are not configured on this hub ...")})
@@ -249,7 +249,9 @@ async def checkout(ctx: Ctx, number: str) -> CheckoutOut:
     return CheckoutOut(number=s.number, provider=provider.name, id=session.id, url=session.url)
 
 
-@router.post("/payments/stripe/webhook", response_model=WebhookOut, tags=["payments"], responses={
+@router.post("/payments/stripe/webhook",
+    dependencies=[public("authenticated by the provider's webhook signature")],
+    response_model=WebhookOut, tags=["payments"], responses={
     **_error(400, "Bad or stale signature, not an event", "signature verification failed: ..."),
     **_error(503, "Stripe is not configured", "payments are not configured on this hub ...")})
 async def stripe_webhook(ctx: Ctx, request: Request) -> WebhookOut:
