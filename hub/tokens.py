@@ -72,7 +72,7 @@ def _decode(secret: str, token: str, now_s: int, require_exp: bool) -> dict[str,
     try:
         claims: dict[str, object] = jwt.decode(
             token, secret, algorithms=[ALGORITHM],
-            options={"require": ["exp"] if require_exp else [], "verify_exp": False})
+            options={"require": ["exp"] if require_exp else [], "verify_exp": False, "verify_iat": False})
     except jwt.PyJWTError as exc:
         raise TokenError(str(exc)) from None
     # Expiry against the hub's clock (injectable in tests) instead of PyJWT's wall clock.
