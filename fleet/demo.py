@@ -14,11 +14,13 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import secrets
 import signal
 import sys
 import threading
 import time
 import urllib.error
+import urllib.parse
 import urllib.request
 from pathlib import Path
 from typing import Any
@@ -82,13 +84,16 @@ def main(argv: list[str] | None = None) -> int:
         devices = sim.ready["devices"]
         print(f"simulators {len(devices)} devices on 127.0.0.1:{sim_port}-{sim_port + len(devices) - 1}", flush=True)
 
+        admin_password = _admin_password(work)
         hub_cfg = write_hub_config(work / "hub.toml", database_url=f"sqlite://{work / 'hub.db'}",
                                    mqtt_port=mqtt_port, http_port=hub_port)
-        hub = ReadyProcess.python("twin-hub", "hub.cli", "run", "--config", str(hub_cfg), log_path=logs / "hub.log")
+        hub = ReadyProcess.python("twin-hub", "hub.cli", "run", "--config", str(hub_cfg), log_path=logs / "hub.log",
+                                  env={"TWIN_ADMIN_PASSWORD": admin_password})
         children.append(hub.start(timeout=60))
         api = f"http://127.0.0.1:{hub_port}"
+        print(f"hub        {api}  sign in as 'admin' with password {admin_password}", flush=True)
         if not args.no_models:
-            for line in roll_out_shipped_models(api):
+            for line in roll_out_shipped_models(api, admin_password):
                 print(line, flush=True)
 
         metrics_port = _port("EDGE_METRICS_PORT", 9108)
@@ -120,18 +125,45 @@ def main(argv: list[str] | None = None) -> int:
         _shutdown(children, broker)
 
 
-def roll_out_shipped_models(api: str) -> list[str]:
+def _admin_password(work: Path) -> str:
+    """``TWIN_ADMIN_PASSWORD``, else the one this demo directory was first started with, else a new
+    random one (kept in ``<workdir>/admin-password``, mode 0600, so a restarted demo can sign in)."""
+    given = os.environ.get("TWIN_ADMIN_PASSWORD")
+    if given:
+        return given
+    kept = work / "admin-password"
+    if kept.exists():
+        return kept.read_text().strip()
+    password = secrets.token_urlsafe(12)
+    fd = os.open(kept, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+    with os.fdopen(fd, "w") as f:
+        f.write(password + "\n")
+    return password
+
+
+def sign_in(api: str, username: str, password: str) -> str:
+    """A bearer token from the hub (OAuth2 password flow)."""
+    body = urllib.parse.urlencode({"username": username, "password": password}).encode()
+    answer = _http_json("POST", f"{api}/api/v1/auth/token", body, "application/x-www-form-urlencoded")
+    return str(answer["access_token"])
+
+
+def roll_out_shipped_models(api: str, admin_password: str) -> list[str]:
     """Upload the shipped models to the hub and assign them fleet-wide; one line per model for the user.
 
     A model that cannot be rolled out is reported and skipped: the demo runs on without it.
     """
     lines = []
+    try:
+        token = sign_in(api, "admin", admin_password)
+    except (OSError, ValueError, KeyError) as exc:
+        return [f"model      not rolled out: cannot sign in as admin ({exc}); the fleet runs without models"]
     for profile, path in shipped_models().items():
         try:
-            model = _http_json("POST", f"{api}/api/v1/models", path.read_bytes(), "application/octet-stream")
+            model = _http_json("POST", f"{api}/api/v1/models", path.read_bytes(), "application/octet-stream", token)
             _http_json("PUT", f"{api}/api/v1/model-assignments",
                        json.dumps({"profile": profile, "name": model["name"], "version": model["version"]}).encode(),
-                       "application/json")
+                       "application/json", token)
             lines.append(f"model      {model['name']} v{model['version']} assigned to every gateway's "
                          f"{profile} devices")
         except (OSError, ValueError, KeyError) as exc:
@@ -139,8 +171,11 @@ def roll_out_shipped_models(api: str) -> list[str]:
     return lines
 
 
-def _http_json(method: str, url: str, body: bytes, content_type: str) -> dict[str, Any]:
-    req = urllib.request.Request(url, data=body, method=method, headers={"Content-Type": content_type})
+def _http_json(method: str, url: str, body: bytes, content_type: str, token: str | None = None) -> dict[str, Any]:
+    headers = {"Content-Type": content_type}
+    if token is not None:
+        headers["Authorization"] = f"Bearer {token}"
+    req = urllib.request.Request(url, data=body, method=method, headers=headers)
     try:
         with urllib.request.urlopen(req, timeout=30) as resp:
             doc: dict[str, Any] = json.loads(resp.read())

@@ -15,6 +15,7 @@ import psutil
 
 from fleet.broker import find_mosquitto
 from fleet.net import free_port
+from tests.hubtools import BearerAuth
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -34,7 +35,9 @@ def test_demo_runs_fleet_and_stops_cleanly_on_sigterm(tmp_path: Path) -> None:
     find_mosquitto()  # a missing broker is a setup failure, not a demo failure
     hub_port, mqtt_port, sim_port = free_port(), free_port(), free_port()
     metrics_port = free_port()
-    env = {**os.environ, "HUB_PORT": str(hub_port), "MQTT_PORT": str(mqtt_port), "SIM_BASE_PORT": str(sim_port),
+    # No TWIN_ADMIN_PASSWORD: the demo makes one, keeps it in its workdir and prints it.
+    inherited = {k: v for k, v in os.environ.items() if k != "TWIN_ADMIN_PASSWORD"}
+    env = {**inherited, "HUB_PORT": str(hub_port), "MQTT_PORT": str(mqtt_port), "SIM_BASE_PORT": str(sim_port),
            "EDGE_METRICS_PORT": str(metrics_port)}
     out = open(tmp_path / "demo.out", "wb")  # noqa: SIM115
     proc = subprocess.Popen([sys.executable, "-m", "fleet.demo", "--workdir", str(tmp_path / "demo")],
@@ -44,9 +47,15 @@ def test_demo_runs_fleet_and_stops_cleanly_on_sigterm(tmp_path: Path) -> None:
         api = f"http://127.0.0.1:{hub_port}"
         deadline = time.monotonic() + 60
         devices: list[dict[str, object]] = []
+        auth: BearerAuth | None = None
         while time.monotonic() < deadline and proc.poll() is None:
+            password_file = tmp_path / "demo" / "admin-password"
+            if auth is None and password_file.exists():
+                auth = BearerAuth("admin", password_file.read_text().strip())
             try:
-                devices = httpx.get(f"{api}/api/v1/devices", timeout=2).json()
+                if auth is None:
+                    raise httpx.ConnectError("no admin password yet")
+                devices = httpx.get(f"{api}/api/v1/devices", timeout=2, auth=auth).json()
                 if len(devices) == 4 and all(d["last_seen"] for d in devices):
                     break
             except httpx.HTTPError:
@@ -54,9 +63,12 @@ def test_demo_runs_fleet_and_stops_cleanly_on_sigterm(tmp_path: Path) -> None:
             time.sleep(0.5)
         printed = (tmp_path / "demo.out").read_text()
         assert f"Hub API:   {api}/api/v1/devices" in printed, printed
+        assert auth is not None and f"sign in as 'admin' with password {auth.password}" in printed
+        assert oct((tmp_path / "demo" / "admin-password").stat().st_mode & 0o777) == "0o600"
+        assert httpx.get(f"{api}/api/v1/devices", timeout=5).status_code == 401  # nothing without signing in
         assert sorted(d["id"] for d in devices) == [
             "site-1.gw-1.boiler-1", "site-1.gw-1.boiler-2", "site-1.gw-1.meter-1", "site-1.gw-1.meter-2"]
-        latest = httpx.get(f"{api}/api/v1/devices/site-1.gw-1.boiler-1/latest", timeout=5).json()
+        latest = httpx.get(f"{api}/api/v1/devices/site-1.gw-1.boiler-1/latest", timeout=5, auth=auth).json()
         assert 0.5 < latest["metrics"]["pressure"]["value"] < 3.0
         assert len(group_members(pgid)) >= 5  # demo, broker, simulators, hub, edge
         edge_metrics = httpx.get(f"http://127.0.0.1:{metrics_port}/metrics", timeout=5).text
