@@ -12,6 +12,7 @@ from pathlib import Path
 from typing import Any
 
 import aiomqtt
+import httpx
 import pytest
 
 from fleet.broker import Mosquitto
@@ -23,7 +24,7 @@ from hub.queries import find_device
 from hub.service import Hub, running_hub
 from protocol.schema import DeviceInfoV1, DeviceKind, GatewayState, StatusV1, decode_command, encode
 from protocol.topics import commands_topic, status_topic
-from tests.hubtools import hub_config, wait_until
+from tests.hubtools import BearerAuth, add_user, hub_config, wait_until
 from tests.test_hub_ingest import evt, publish
 
 SITE, GW = "site1", "gw1"
@@ -42,7 +43,7 @@ async def known_devices(hub: Hub, mosquitto: Mosquitto) -> None:
     """Tell the hub about the gateway's devices (its retained status) and wait until it knows them."""
     await publish(mosquitto, status_message(), retain=True)
     for _ in range(400):  # bounded: the device rows appear once the status is committed
-        if await find_device(hub.db, UID) is not None:
+        if all([await find_device(hub.db, f"{SITE}.{GW}.{d}") is not None for d in ("boiler1", "meter1", "odd1")]):
             return
         await asyncio.sleep(0.025)
     raise AssertionError("the hub never learnt the gateway's devices")
@@ -263,3 +264,45 @@ async def test_commands_on_postgresql(postgres: PostgresCluster, mosquitto: Mosq
         assert [r.status for r in rows if r.via_hub] == ["refused_by_hub", "applied"]
         assert {r.id for r in rows} == {row.id, "pg-rogue"} | {r.id for r in rows if r.status == "refused_by_hub"}
 
+
+
+async def test_the_command_routes(tmp_path: Path, mosquitto: Mosquitto) -> None:
+    async with running_hub(hub_config(db_url=f"sqlite://{tmp_path}/hub.db", mqtt_port=mosquitto.port)) as hub:
+        await known_devices(hub, mosquitto)
+        auth = BearerAuth("tech9", await add_user(hub.db, "tech9", "technician"))
+        async with httpx.AsyncClient(base_url=hub.api_url, auth=auth) as http:
+            async with aiomqtt.Client(mosquitto.host, mosquitto.port, identifier="test-gateway") as sub:
+                await sub.subscribe(commands_topic(SITE, GW), qos=1)
+                r = await http.post(f"/api/v1/devices/{UID}/commands", json={"point": "flow_setpoint", "value": 70})
+                assert r.status_code == 202, r.text
+                sent = r.json()
+                assert (sent["status"], sent["device"], sent["issued_by"], sent["read_back"], sent["via_hub"]) == (
+                    "sent", UID, "tech9", None, True)
+                assert decode_command((await next_command(sub))[0]).id == sent["id"]
+            assert (await http.get(f"/api/v1/commands/{sent['id']}")).json() == sent
+            r = await http.post(f"/api/v1/devices/{UID}/commands", json={"point": "flow_setpoint", "value": 29})
+            assert r.status_code == 422 and "30..80 degC" in r.json()["detail"]
+            for body in ({"point": "flow_setpoint"}, {"point": "flow_setpoint", "value": "hot"},
+                         {"point": "bad name", "value": 50}, {"point": "flow_setpoint", "value": 50, "x": 1}):
+                r = await http.post(f"/api/v1/devices/{UID}/commands", json=body)
+                assert r.status_code == 422, (body, r.text)
+            r = await http.post(f"/api/v1/devices/{SITE}.{GW}.nobody/commands",
+                                json={"point": "flow_setpoint", "value": 50})
+            assert r.status_code == 404
+            assert (await http.get("/api/v1/commands/nope")).status_code == 404
+            listed = (await http.get("/api/v1/commands")).json()
+            assert [(c["status"], c["value"]) for c in listed] == [("refused_by_hub", 29.0), ("sent", 70.0)]
+            assert len((await http.get("/api/v1/commands", params={"limit": 1})).json()) == 1
+            assert len((await http.get("/api/v1/commands", params={"gateway": f"{SITE}.{GW}"})).json()) == 2
+            assert (await http.get("/api/v1/commands", params={"gateway": f"{SITE}.other"})).json() == []
+            assert (await http.get("/api/v1/commands", params={"device": f"{SITE}.{GW}.meter1"})).json() == []
+            assert (await http.get("/api/v1/commands", params={"gateway": "no-dot"})).status_code == 422
+            mosquitto.stop()
+            await wait_until(lambda: not hub.ingest.subscribed.is_set(), what="the hub to lose the broker")
+            r = await http.post(f"/api/v1/devices/{UID}/commands", json={"point": "flow_setpoint", "value": 50})
+            assert r.status_code == 503, r.text
+            newest = (await http.get("/api/v1/commands", params={"limit": 1})).json()[0]
+            assert (newest["status"], newest["reason"], newest["value"]) == ("failed", "broker_unavailable", 50.0)
+        async with httpx.AsyncClient(base_url=hub.api_url) as anonymous:
+            r = await anonymous.post(f"/api/v1/devices/{UID}/commands", json={"point": "flow_setpoint", "value": 50})
+            assert r.status_code == 401
