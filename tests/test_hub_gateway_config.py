@@ -11,6 +11,7 @@ from pathlib import Path
 from typing import Any
 
 import aiomqtt
+import httpx
 import pytest
 
 from fleet.broker import Mosquitto
@@ -19,7 +20,8 @@ from hub.db import Database
 from hub.service import running_hub
 from hub.store import EventItem
 from protocol.schema import decode_gateway_config
-from tests.hubtools import event, event_payload, hub_config, wait_until
+from tests import hubtools
+from tests.hubtools import event, event_payload, hub_config, series, telemetry_payload, wait_until
 
 DEV = {"name": "boiler-1", "profile": "sim-boiler", "host": "127.0.0.1", "port": 5020}
 
@@ -121,3 +123,39 @@ def test_on_batch_takes_only_config_events() -> None:
     configs.on_batch([], [], [EventItem(event("site-1", "gw-1", "buffer_thinned"), 0),
                               EventItem(event("site-1", "gw-1", "config_applied", details={"version": 3}), 0)])
     assert configs._reports.qsize() == 1 and configs._wake.is_set()
+
+
+async def test_config_api_roles_audit_and_errors(mosquitto: Mosquitto, db_url: str) -> None:
+    cfg = hub_config(db_url=db_url, mqtt_port=mosquitto.port)
+    async with running_hub(cfg) as hub:
+        # The gateway becomes known to the hub through its first telemetry.
+        async with aiomqtt.Client(mosquitto.host, mosquitto.port, identifier="t-gw") as gw:
+            await gw.publish("twin/v1/site-1/gw-1/telemetry", telemetry_payload(
+                "site-1", "gw-1", series("boiler-1", "flow_temp", 1)), qos=1)
+        await wait_until(lambda: hub.stats.readings_stored >= 1, what="telemetry stored")
+        tech = await hubtools.add_user(hub.db, "tina", "technician")
+        viewer = await hubtools.add_user(hub.db, "vic", "viewer")
+        url = "/api/v1/gateways/site-1.gw-1/config"
+        async with httpx.AsyncClient(base_url=hub.api_url, timeout=10) as anon:
+            assert (await anon.get(url)).status_code == 401
+            assert (await anon.put(url, json={"devices": [DEV]})).status_code == 401
+        async with httpx.AsyncClient(base_url=hub.api_url, timeout=10,
+                                     auth=hubtools.BearerAuth("vic", viewer)) as client:
+            assert (await client.get(url)).status_code == 403
+            assert (await client.put(url, json={"devices": [DEV]})).status_code == 403
+        async with httpx.AsyncClient(base_url=hub.api_url, timeout=10,
+                                     auth=hubtools.BearerAuth("tina", tech)) as client:
+            r = await client.put(url, json={"devices": [DEV]})
+            assert r.status_code == 200, r.text
+            body = r.json()
+            assert (body["gateway"], body["version"], body["state"], body["config"]) == (
+                "site-1.gw-1", 1, "pending", {"devices": [DEV]})
+            assert [(h["version"], h["changed_by"], h["devices"]) for h in body["history"]] == [(1, "tina", 1)]
+            r = await client.put(url, json={"devices": [DEV], "log_level": "DEBUG"})
+            assert r.status_code == 422 and "unknown key(s) ['log_level']" in r.json()["detail"]
+            assert (await client.get("/api/v1/gateways/site-1.gw-9/config")).status_code == 404
+            assert (await client.put("/api/v1/gateways/site-1.gw-9/config", json={"devices": []})).status_code == 404
+        await wait_until(lambda: hub.configs.published >= 1, what="config published")
+        async with httpx.AsyncClient(base_url=hub.api_url, timeout=10, auth=hubtools.admin_auth()) as client:
+            r = await client.get(url)
+            assert r.status_code == 200 and r.json()["version"] == 1 and r.json()["applied_version"] is None

@@ -12,6 +12,7 @@ from fleet.postgres import PostgresCluster
 from tests.test_hub_gateway_config import (  # noqa: F401 - collected here with the PostgreSQL db_url
     db,
     test_concurrent_changes_get_distinct_versions,
+    test_config_api_roles_audit_and_errors,
     test_hub_publishes_retained_configs_and_records_reports,
     test_versions_history_and_reports,
 )
