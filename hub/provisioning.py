@@ -170,12 +170,18 @@ class Provisioning:
 
     async def sync_broker(self) -> int:
         """Write the broker files from the database and reload the broker (hub start); returns the
-        number of gateways with access. A no-op without ``[broker_auth]``."""
+        number of gateways with access. A no-op without ``[broker_auth]``. A failed reload is only
+        logged; failing to write the files raises ``OSError``."""
         if self.access is None:
             return 0
         async with self._lock:
             logins = await self._logins()
-            await self.access.apply(logins)
+            try:
+                await self.access.apply(logins)
+            except BrokerReloadError as exc:
+                # The files are written; a broker that is down (or not yet up) reads them when it
+                # starts. The hub keeps starting, as it does whenever the broker is away.
+                log.warning("broker_reload_failed", error=str(exc))
         return len(logins)
 
     async def _gateway(self, site: str, name: str) -> Gateway | None:

@@ -19,6 +19,7 @@ import pytest
 from fleet.broker import BrokerAuth, BrokerUnavailable, Mosquitto
 from fleet.procs import ReadyProcess
 from hub.broker_access import GatewayLogin, acl_file_text, gateway_acl, hash_password, verify_password
+from hub.errors import RequestRefused
 from hub.identity import GatewayCredential
 from hub.models import Device, Gateway, GatewayEvent, Reading
 from hub.provisioning import Provisioned
@@ -328,3 +329,35 @@ async def test_provisioned_agent_runs_and_is_cut_off_when_revoked(tmp_path: Path
     finally:
         for p in reversed(procs):
             await asyncio.to_thread(p.stop)
+
+
+async def test_hub_starts_when_the_broker_cannot_be_reloaded(tmp_path: Path, secured_broker: Mosquitto) -> None:
+    """The files are written even when the reload fails (a broker that is down reads them when it
+    starts); the hub starts and connects once the broker has them."""
+    config = secured_hub_config(tmp_path, secured_broker)
+    config.broker_auth.reload_pid_file = tmp_path / "no-such.pid"
+    hub = Hub(config)
+    await hub.start(wait_subscribed=False)
+    try:
+        assert secured_broker.auth is not None
+        assert secured_broker.auth.password_file.read_text().startswith(f"{HUB_USER}:$7$101$")
+        await asyncio.sleep(0.5)
+        assert not hub.ingest.subscribed.is_set()  # the broker still has the empty files of its start
+        secured_broker.reload()
+        await hubtools.wait_until(hub.ingest.subscribed.is_set, 10, "the hub's subscription after the reload")
+        # A claim, though, needs the broker to take the new login now: refused, nothing issued.
+        with hub.db.activate():
+            issued = await hub.provisioning.create_gateway("site-1", "gw-a", "tech")
+            with pytest.raises(RequestRefused) as info:
+                await hub.provisioning.claim(issued.code)
+            assert info.value.status == 503
+            assert await GatewayCredential.all().count() == 0
+            assert await hub.provisioning.credential_state("site-1", "gw-a") == "none"
+        # The code is still good once the broker can be told again.
+        config.broker_auth.reload_pid_file = secured_broker.pid_path
+        with hub.db.activate():
+            got = await hub.provisioning.claim(issued.code)
+        async with client(secured_broker, got):
+            pass
+    finally:
+        await hub.stop()
