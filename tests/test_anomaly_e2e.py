@@ -294,6 +294,7 @@ def test_rollout_live_scoring_and_anomaly_event(fleet: Fleet) -> None:
     # The hub's assignment carries a full URL (its public_url defaults to its own listener), so the
     # edge needs no [inference] hub_url.
     downloads = [e["url"] for e in edge_log(fleet) if e.get("event") == "model_download_started"]
+    # Logged without the query: the gateway's download capability is a credential.
     assert downloads == [f"{fleet.hub.ready['api']}/api/v1/models/sim-boiler-anomaly/1/file"]
     print(f"first anomaly {fill_s:.1f} s after the assignment; boiler-1 max score {max(b1):.2f}, "
           f"boiler-2 event score {d['score']:.2f}, threshold {threshold}")

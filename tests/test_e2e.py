@@ -53,6 +53,15 @@ def run_fleet_and_check(mosquitto: Mosquitto, work: Path, database_url: str) -> 
     truth_path = work / "truth.jsonl"
     procs: list[ReadyProcess] = []
     try:
+        http_port = free_port()
+        hub_cfg = write_hub_config(work / "hub.toml", database_url=database_url, mqtt_port=mosquitto.port,
+                                   http_port=http_port, client_id=f"hub-{work.name[-20:]}")
+        hub = ReadyProcess.python("twin-hub", "hub.cli", "run", "--config", str(hub_cfg), log_path=work / "hub.log")
+        procs.append(hub.start(timeout=60))
+        api = hub.ready["api"]
+
+        # The simulators start after the hub: the meters begin 4 Wh below the rollover, and the
+        # edge must read them before they wrap, whatever the hub's start-up takes.
         sim = ReadyProcess.python("twin-sim", "firmware_sim.cli", "--boilers", "2", "--meters", "2",
                                   "--base-port", "0", "--seed", "7", "--tick", "1", "--speed", "10",
                                   "--start-hour", "7", "--meter-start-kwh", "42949672.946",
@@ -60,13 +69,6 @@ def run_fleet_and_check(mosquitto: Mosquitto, work: Path, database_url: str) -> 
         procs.append(sim.start())
         devices = sim.ready["devices"]
         assert [d["name"] for d in devices] == list(KINDS)
-
-        http_port = free_port()
-        hub_cfg = write_hub_config(work / "hub.toml", database_url=database_url, mqtt_port=mosquitto.port,
-                                   http_port=http_port, client_id=f"hub-{work.name[-20:]}")
-        hub = ReadyProcess.python("twin-hub", "hub.cli", "run", "--config", str(hub_cfg), log_path=work / "hub.log")
-        procs.append(hub.start(timeout=60))
-        api = hub.ready["api"]
 
         edge_metrics_port = free_port()
         edge_cfg = write_edge_config(work / "edge.toml", site="site-1", gateway="gw-1", mqtt_port=mosquitto.port,

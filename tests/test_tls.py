@@ -334,6 +334,7 @@ async def test_edge_process_to_hub_over_tls(tmp_path: Path, mosquitto_tls: Mosqu
                              f"the model downloaded over HTTPS; edge log:\n{edge.log_tail()}")
             edge_log = (tmp_path / "edge.log").read_text()
             assert f'"url": "{hub.api_url}/api/v1/models/{checked.card.name}/1/file"' in edge_log
+            assert "access=" not in edge_log  # the download capability is a credential: never logged
             assert edge.stop() == 0  # SIGTERM: a clean TLS disconnect, exit code 0
     finally:
         for p in reversed(procs):

@@ -90,6 +90,13 @@ def write_atomic(path: Path, data: bytes) -> None:
         os.close(fd)
 
 
+def shown_url(url: str) -> str:
+    """``url`` without its query string, for logs and error messages: the hub's download URLs carry
+    the gateway's access capability there (``?access=...``), which is a credential."""
+    parts = urlsplit(url)
+    return parts._replace(query="", fragment="").geturl() if parts.query else url
+
+
 def download(url: str, limit: int, timeout_s: float, tls_context: ssl.SSLContext | None = None) -> bytes:
     """GET ``url`` (http or https only), at most ``limit`` bytes, within ``timeout_s`` in total;
     an https server's certificate is verified with ``tls_context`` (default: the system's trust store).
@@ -97,9 +104,10 @@ def download(url: str, limit: int, timeout_s: float, tls_context: ssl.SSLContext
     Raises :class:`ModelLoadError` of kind ``download`` (a transfer problem, worth retrying).
     Blocking: run it in a thread.
     """
+    shown = shown_url(url)
     scheme = urlsplit(url).scheme
     if scheme not in ("http", "https"):
-        raise ModelLoadError(url, "download", f"only http and https URLs are fetched, not {scheme or 'a relative'!r}")
+        raise ModelLoadError(shown, "download", f"only http and https URLs are fetched, not {scheme or 'a relative'!r}")
     deadline = time.monotonic() + timeout_s
     request = urllib.request.Request(url, headers={"User-Agent": f"twin-edge/{__version__}"})
     chunks: list[bytes] = []
@@ -108,27 +116,27 @@ def download(url: str, limit: int, timeout_s: float, tls_context: ssl.SSLContext
         with urllib.request.urlopen(request, timeout=min(timeout_s, 30.0), context=tls_context) as resp:
             length = resp.headers.get("Content-Length")
             if length is not None and length.isdigit() and int(length) > limit:
-                raise ModelLoadError(url, "download", f"the server sends {length} bytes, more than the {limit} "
+                raise ModelLoadError(shown, "download", f"the server sends {length} bytes, more than the {limit} "
                                                       f"expected")
             while True:
                 if time.monotonic() > deadline:
-                    raise ModelLoadError(url, "download", f"download did not finish within {timeout_s:g} s "
+                    raise ModelLoadError(shown, "download", f"download did not finish within {timeout_s:g} s "
                                                           f"({total} bytes received)")
                 chunk = resp.read(65536)
                 if not chunk:
                     break
                 total += len(chunk)
                 if total > limit:
-                    raise ModelLoadError(url, "download", f"the server sent more than the {limit} bytes expected")
+                    raise ModelLoadError(shown, "download", f"the server sent more than the {limit} bytes expected")
                 chunks.append(chunk)
     except urllib.error.HTTPError as exc:
-        raise ModelLoadError(url, "download", f"HTTP {exc.code} {exc.reason}") from None
+        raise ModelLoadError(shown, "download", f"HTTP {exc.code} {exc.reason}") from None
     except urllib.error.URLError as exc:
-        raise ModelLoadError(url, "download", f"cannot fetch: {exc.reason}") from None
+        raise ModelLoadError(shown, "download", f"cannot fetch: {exc.reason}") from None
     except TimeoutError:
-        raise ModelLoadError(url, "download", f"timed out after {timeout_s:g} s ({total} bytes received)") from None
+        raise ModelLoadError(shown, "download", f"timed out after {timeout_s:g} s ({total} bytes received)") from None
     except OSError as exc:
-        raise ModelLoadError(url, "download", f"transfer failed: {exc}") from None
+        raise ModelLoadError(shown, "download", f"transfer failed: {exc}") from None
     return b"".join(chunks)
 
 
@@ -426,19 +434,21 @@ class ModelRollout:
             except ModelLoadError as exc:
                 log.warning("model_cached_copy_unusable", file=str(cached), error=exc.reason)
         if item.size > MAX_MODEL_BYTES:
-            raise ModelLoadError(item.url, "too-big", f"the assignment announces {item.size} bytes, more than the "
-                                                      f"{MAX_MODEL_BYTES} a model may have")
+            raise ModelLoadError(shown_url(item.url), "too-big", f"the assignment announces {item.size} bytes, "
+                                                                 f"more than the {MAX_MODEL_BYTES} a model may have")
         url = item.url
         if urlsplit(url).scheme == "" and url.startswith("/"):
             if self.hub_url is None:
-                raise ModelLoadError(url, "download", "the URL is a path and no [inference] hub_url is configured")
+                raise ModelLoadError(shown_url(url), "download",
+                                     "the URL is a path and no [inference] hub_url is configured")
             url = self.hub_url.rstrip("/") + url  # as the hub builds it: public_url + path
-        log.info("model_download_started", profile=item.profile, model=f"{item.name} v{item.version}", url=url,
+        shown = shown_url(url)
+        log.info("model_download_started", profile=item.profile, model=f"{item.name} v{item.version}", url=shown,
                  size=item.size)
         data = await asyncio.to_thread(download, url, item.size, self.download_timeout_s, self.tls_context)
         if len(data) != item.size:
-            raise ModelLoadError(url, "download", f"got {len(data)} bytes, the assignment announced {item.size}")
-        return await self.engine.load(data, url, expected_sha256=item.sha256, profile=item.profile), data
+            raise ModelLoadError(shown, "download", f"got {len(data)} bytes, the assignment announced {item.size}")
+        return await self.engine.load(data, shown, expected_sha256=item.sha256, profile=item.profile), data
 
     async def _reject(self, item: ModelAssignmentItemV1, exc: ModelLoadError) -> None:
         profile = item.profile
