@@ -29,6 +29,12 @@ def _table(name: str, values: dict[str, Any]) -> str:
     return f"[{name}]\n{body}\n"
 
 
+def device_tables(devices: list[dict[str, Any]], poll_interval_s: float) -> list[dict[str, Any]]:
+    """``[[devices]]`` entries (as dicts) for devices as listed in ``twin-sim``'s ready line."""
+    return [{"name": d["name"], "profile": d["profile"], "transport": "tcp", "host": d["host"], "port": d["port"],
+             "unit_id": d.get("unit_id", 1), "poll_interval_s": poll_interval_s} for d in devices]
+
+
 def write_edge_config(path: Path, *, site: str, gateway: str, mqtt_port: int, devices: list[dict[str, Any]],
                       poll_interval_s: float = 1.0, buffer_path: Path | None = None, metrics_port: int = 0,
                       mqtt: dict[str, Any] | None = None, buffer: dict[str, Any] | None = None,
@@ -47,11 +53,8 @@ def write_edge_config(path: Path, *, site: str, gateway: str, mqtt_port: int, de
         text += _table("inference", inference)
     for profile, model_path in (models or {}).items():
         text += "[[models]]\n" + f"profile = {_toml_value(profile)}\npath = {_toml_value(str(model_path))}\n\n"
-    for d in devices:
-        text += "[[devices]]\n" + "".join(f"{k} = {_toml_value(v)}\n" for k, v in {
-            "name": d["name"], "profile": d["profile"], "transport": "tcp", "host": d["host"],
-            "port": d["port"], "unit_id": d.get("unit_id", 1), "poll_interval_s": poll_interval_s,
-        }.items()) + "\n"
+    for d in device_tables(devices, poll_interval_s):
+        text += "[[devices]]\n" + "".join(f"{k} = {_toml_value(v)}\n" for k, v in d.items()) + "\n"
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(text)
     return path
@@ -59,12 +62,13 @@ def write_edge_config(path: Path, *, site: str, gateway: str, mqtt_port: int, de
 
 def write_hub_config(path: Path, *, database_url: str, mqtt_port: int, http_port: int,
                      client_id: str = "twin-hub", share_group: str | None = None,
-                     log_level: str = "INFO", extra: dict[str, dict[str, Any]] | None = None) -> Path:
-    """A ``hub.toml`` for a local fleet."""
+                     log_level: str = "INFO", extra: dict[str, dict[str, Any]] | None = None,
+                     mqtt: dict[str, Any] | None = None) -> Path:
+    """A ``hub.toml`` for a local fleet; ``mqtt`` adds keys to ``[mqtt]`` (e.g. the hub's broker login)."""
     text = f'log_level = "{log_level}"\n\n'
     text += _table("database", {"url": database_url})
     text += _table("mqtt", {"host": "127.0.0.1", "port": mqtt_port, "client_id": client_id,
-                            "share_group": share_group})
+                            "share_group": share_group, **(mqtt or {})})
     text += _table("http", {"host": "127.0.0.1", "port": http_port})
     for section, values in (extra or {}).items():
         text += _table(section, values)

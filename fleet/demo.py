@@ -1,7 +1,10 @@
 """``make demo``: a whole local fleet on one machine.
 
 2 simulated boilers + 2 meters (Modbus TCP) → one edge agent → a private Mosquitto → the hub
-(SQLite) with its REST API. The shipped anomaly models (``models/shipped``) are uploaded to the
+(SQLite) with its REST API. Secured as in production (TLS aside): the hub's ``admin`` user
+(``TWIN_ADMIN_PASSWORD``, or a random password kept in the demo directory and printed), a broker
+that refuses anonymous clients and gives each gateway its own login and topics, and a gateway
+provisioned with a one-time claim code. The shipped anomaly models (``models/shipped``) are uploaded to the
 hub's registry and assigned fleet-wide, as staff would do it, so the gateway downloads them and
 scores live. ``--fault boiler-2:leak=0.5`` injects a process fault into a simulator.
 Ctrl-C, or SIGTERM to the process group, stops everything within
@@ -16,6 +19,7 @@ import json
 import os
 import secrets
 import signal
+import subprocess
 import sys
 import threading
 import time
@@ -25,8 +29,8 @@ import urllib.request
 from pathlib import Path
 from typing import Any
 
-from fleet.broker import BrokerUnavailable, Mosquitto
-from fleet.configs import shipped_models, write_edge_config, write_hub_config
+from fleet.broker import BrokerAuth, BrokerUnavailable, Mosquitto
+from fleet.configs import device_tables, shipped_models, write_hub_config
 from fleet.net import port_open
 from fleet.procs import ProcessFailed, ReadyProcess
 
@@ -71,7 +75,11 @@ def main(argv: list[str] | None = None) -> int:
     signal.signal(signal.SIGINT, on_signal)
     signal.signal(signal.SIGTERM, on_signal)
 
-    broker = Mosquitto(port=mqtt_port, workdir=work / "mosquitto")
+    # A secured broker as in production: no anonymous clients, one login per gateway and an ACL,
+    # both files written by the hub (docs/security.md); TLS is left out of the local demo.
+    broker_dir = work / "mosquitto"
+    broker = Mosquitto(port=mqtt_port, workdir=broker_dir,
+                       auth=BrokerAuth(password_file=broker_dir / "passwd", acl_file=broker_dir / "acl"))
     children: list[ReadyProcess] = []
     try:
         broker.start()
@@ -85,8 +93,12 @@ def main(argv: list[str] | None = None) -> int:
         print(f"simulators {len(devices)} devices on 127.0.0.1:{sim_port}-{sim_port + len(devices) - 1}", flush=True)
 
         admin_password = _admin_password(work)
-        hub_cfg = write_hub_config(work / "hub.toml", database_url=f"sqlite://{work / 'hub.db'}",
-                                   mqtt_port=mqtt_port, http_port=hub_port)
+        hub_cfg = write_hub_config(
+            work / "hub.toml", database_url=f"sqlite://{work / 'hub.db'}", mqtt_port=mqtt_port, http_port=hub_port,
+            mqtt={"username": "twin-hub", "password": _kept_secret(work, "hub-broker-password")},
+            extra={"broker_auth": {"enabled": True, "password_file": str(broker_dir / "passwd"),
+                                   "acl_file": str(broker_dir / "acl"), "reload_pid_file": str(broker.pid_path)}})
+        os.chmod(hub_cfg, 0o600)  # it holds the hub's broker password
         hub = ReadyProcess.python("twin-hub", "hub.cli", "run", "--config", str(hub_cfg), log_path=logs / "hub.log",
                                   env={"TWIN_ADMIN_PASSWORD": admin_password})
         children.append(hub.start(timeout=60))
@@ -101,9 +113,15 @@ def main(argv: list[str] | None = None) -> int:
             print(f"demo: port {metrics_port} is taken, the edge agent's metrics exporter is off "
                   "(set EDGE_METRICS_PORT)", file=sys.stderr)
             metrics_port = 0
-        edge_cfg = write_edge_config(work / "edge.toml", site="site-1", gateway="gw-1", mqtt_port=mqtt_port,
-                                     devices=devices, poll_interval_s=args.poll_interval,
-                                     metrics_port=metrics_port)
+        # The field workflow: the gateway is created at the hub with its devices, and the agent gets
+        # its identity, broker login and devices with the one-time claim code (twin-edge provision).
+        edge_cfg = work / "edge.toml"
+        for line in provision_gateway(api, admin_password, "site-1", "gw-1",
+                                      device_tables(devices, args.poll_interval), edge_cfg):
+            print(line, flush=True)
+        with edge_cfg.open("a") as fh:  # local additions: where the buffer lives, the metrics port
+            fh.write(f'\n[buffer]\npath = "{work / "edge-buffer.db"}"\n\n'
+                     f'[metrics]\nhost = "127.0.0.1"\nport = {metrics_port}\n')
         edge = ReadyProcess.python("twin-edge", "edge.cli", "run", "--config", str(edge_cfg),
                                    log_path=logs / "edge.log")
         children.append(edge.start())
@@ -128,17 +146,45 @@ def main(argv: list[str] | None = None) -> int:
 def _admin_password(work: Path) -> str:
     """``TWIN_ADMIN_PASSWORD``, else the one this demo directory was first started with, else a new
     random one (kept in ``<workdir>/admin-password``, mode 0600, so a restarted demo can sign in)."""
-    given = os.environ.get("TWIN_ADMIN_PASSWORD")
-    if given:
-        return given
-    kept = work / "admin-password"
+    return os.environ.get("TWIN_ADMIN_PASSWORD") or _kept_secret(work, "admin-password")
+
+
+def _kept_secret(work: Path, name: str) -> str:
+    """A random secret made once per demo directory and kept there (mode 0600)."""
+    kept = work / name
     if kept.exists():
         return kept.read_text().strip()
-    password = secrets.token_urlsafe(12)
+    secret = secrets.token_urlsafe(18)
     fd = os.open(kept, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
     with os.fdopen(fd, "w") as f:
-        f.write(password + "\n")
-    return password
+        f.write(secret + "\n")
+    return secret
+
+
+def provision_gateway(api: str, admin_password: str, site: str, gateway: str, devices: list[dict[str, Any]],
+                      out: Path) -> list[str]:
+    """Create ``site.gateway`` at the hub with ``devices`` (or, if it exists, give it these devices
+    and a new claim code) and run ``twin-edge provision`` with the code; lines for the user."""
+    token = sign_in(api, "admin", admin_password)
+    uid = f"{site}.{gateway}"
+    what = "created at the hub"
+    body = json.dumps({"site": site, "name": gateway, "devices": devices}).encode()
+    try:
+        code = _http_json("POST", f"{api}/api/v1/gateways", body, "application/json", token)["claim_code"]
+    except HttpRefused as exc:
+        if exc.status != 409:
+            raise
+        # Known from an earlier run of this demo directory: today's devices, a fresh code.
+        _http_json("PUT", f"{api}/api/v1/gateways/{uid}/config", json.dumps({"devices": devices}).encode(),
+                   "application/json", token)
+        code = _http_json("POST", f"{api}/api/v1/gateways/{uid}/claim-code", b"", "application/json",
+                          token)["claim_code"]
+        what = "known to the hub (given today's devices)"
+    done = subprocess.run([sys.executable, "-m", "edge.cli", "provision", "--hub", api, "--code", code,
+                           "--out", str(out), "--force"], capture_output=True, text=True, timeout=60, check=False)
+    if done.returncode != 0:
+        raise RuntimeError(f"twin-edge provision failed: {done.stderr.strip() or done.stdout.strip()}")
+    return [f"gateway    {uid} {what} and provisioned with a one-time claim code ({out}, mode 0600)"]
 
 
 def sign_in(api: str, username: str, password: str) -> str:
@@ -171,6 +217,14 @@ def roll_out_shipped_models(api: str, admin_password: str) -> list[str]:
     return lines
 
 
+class HttpRefused(ValueError):
+    """The hub answered with an HTTP error."""
+
+    def __init__(self, status: int, message: str) -> None:
+        super().__init__(message)
+        self.status = status
+
+
 def _http_json(method: str, url: str, body: bytes, content_type: str, token: str | None = None) -> dict[str, Any]:
     headers = {"Content-Type": content_type}
     if token is not None:
@@ -181,7 +235,7 @@ def _http_json(method: str, url: str, body: bytes, content_type: str, token: str
             doc: dict[str, Any] = json.loads(resp.read())
             return doc
     except urllib.error.HTTPError as exc:
-        raise ValueError(f"{method} {url}: HTTP {exc.code} {exc.read()[:300]!r}") from None
+        raise HttpRefused(exc.code, f"{method} {url}: HTTP {exc.code} {exc.read()[:300]!r}") from None
 
 
 def _shutdown(children: list[ReadyProcess], broker: Mosquitto) -> None:

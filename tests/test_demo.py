@@ -9,8 +9,10 @@ import subprocess
 import sys
 import time
 from pathlib import Path
+from typing import Any
 
 import httpx
+import paho.mqtt.client as mqtt
 import psutil
 
 from fleet.broker import find_mosquitto
@@ -29,6 +31,23 @@ def group_members(pgid: int) -> list[psutil.Process]:
         except (ProcessLookupError, psutil.Error):
             continue
     return members
+
+
+def anonymous_mqtt_refused(port: int) -> bool:
+    """True when the broker answers an anonymous CONNECT with a refusal."""
+    answers: list[Any] = []
+    client = mqtt.Client(mqtt.CallbackAPIVersion.VERSION2, client_id="demo-test-anonymous")
+    client.on_connect = lambda _c, _u, _f, reason, _p: answers.append(reason)
+    client.connect("127.0.0.1", port)
+    client.loop_start()
+    try:
+        deadline = time.monotonic() + 5
+        while not answers and time.monotonic() < deadline:
+            time.sleep(0.05)
+    finally:
+        client.loop_stop()
+        client.disconnect()
+    return bool(answers) and answers[0].is_failure
 
 
 def test_demo_runs_fleet_and_stops_cleanly_on_sigterm(tmp_path: Path) -> None:
@@ -66,6 +85,12 @@ def test_demo_runs_fleet_and_stops_cleanly_on_sigterm(tmp_path: Path) -> None:
         assert auth is not None and f"sign in as 'admin' with password {auth.password}" in printed
         assert oct((tmp_path / "demo" / "admin-password").stat().st_mode & 0o777) == "0o600"
         assert httpx.get(f"{api}/api/v1/devices", timeout=5).status_code == 401  # nothing without signing in
+        # The gateway was provisioned with a claim code; its login file is private; the broker
+        # refuses anonymous clients.
+        assert "gateway    site-1.gw-1 created at the hub and provisioned with a one-time claim code" in printed
+        edge_toml = tmp_path / "demo" / "edge.toml"
+        assert oct(edge_toml.stat().st_mode & 0o777) == "0o600" and 'username = "site-1.gw-1"' in edge_toml.read_text()
+        assert anonymous_mqtt_refused(mqtt_port)
         assert sorted(d["id"] for d in devices) == [
             "site-1.gw-1.boiler-1", "site-1.gw-1.boiler-2", "site-1.gw-1.meter-1", "site-1.gw-1.meter-2"]
         latest = httpx.get(f"{api}/api/v1/devices/site-1.gw-1.boiler-1/latest", timeout=5, auth=auth).json()
