@@ -23,14 +23,12 @@ import subprocess
 import sys
 import threading
 import time
-import urllib.error
-import urllib.parse
-import urllib.request
 from pathlib import Path
 from typing import Any
 
 from fleet.broker import BrokerAuth, BrokerUnavailable, Mosquitto
 from fleet.configs import device_tables, shipped_models, write_hub_config
+from fleet.hubapi import HttpRefused, http_json, sign_in
 from fleet.net import port_open
 from fleet.procs import ProcessFailed, ReadyProcess
 
@@ -170,14 +168,14 @@ def provision_gateway(api: str, admin_password: str, site: str, gateway: str, de
     what = "created at the hub"
     body = json.dumps({"site": site, "name": gateway, "devices": devices}).encode()
     try:
-        code = _http_json("POST", f"{api}/api/v1/gateways", body, "application/json", token)["claim_code"]
+        code = http_json("POST", f"{api}/api/v1/gateways", body, "application/json", token)["claim_code"]
     except HttpRefused as exc:
         if exc.status != 409:
             raise
         # Known from an earlier run of this demo directory: today's devices, a fresh code.
-        _http_json("PUT", f"{api}/api/v1/gateways/{uid}/config", json.dumps({"devices": devices}).encode(),
+        http_json("PUT", f"{api}/api/v1/gateways/{uid}/config", json.dumps({"devices": devices}).encode(),
                    "application/json", token)
-        code = _http_json("POST", f"{api}/api/v1/gateways/{uid}/claim-code", b"", "application/json",
+        code = http_json("POST", f"{api}/api/v1/gateways/{uid}/claim-code", b"", "application/json",
                           token)["claim_code"]
         what = "known to the hub (given today's devices)"
     done = subprocess.run([sys.executable, "-m", "edge.cli", "provision", "--hub", api, "--code", code,
@@ -185,13 +183,6 @@ def provision_gateway(api: str, admin_password: str, site: str, gateway: str, de
     if done.returncode != 0:
         raise RuntimeError(f"twin-edge provision failed: {done.stderr.strip() or done.stdout.strip()}")
     return [f"gateway    {uid} {what} and provisioned with a one-time claim code ({out}, mode 0600)"]
-
-
-def sign_in(api: str, username: str, password: str) -> str:
-    """A bearer token from the hub (OAuth2 password flow)."""
-    body = urllib.parse.urlencode({"username": username, "password": password}).encode()
-    answer = _http_json("POST", f"{api}/api/v1/auth/token", body, "application/x-www-form-urlencoded")
-    return str(answer["access_token"])
 
 
 def roll_out_shipped_models(api: str, admin_password: str) -> list[str]:
@@ -206,8 +197,8 @@ def roll_out_shipped_models(api: str, admin_password: str) -> list[str]:
         return [f"model      not rolled out: cannot sign in as admin ({exc}); the fleet runs without models"]
     for profile, path in shipped_models().items():
         try:
-            model = _http_json("POST", f"{api}/api/v1/models", path.read_bytes(), "application/octet-stream", token)
-            _http_json("PUT", f"{api}/api/v1/model-assignments",
+            model = http_json("POST", f"{api}/api/v1/models", path.read_bytes(), "application/octet-stream", token)
+            http_json("PUT", f"{api}/api/v1/model-assignments",
                        json.dumps({"profile": profile, "name": model["name"], "version": model["version"]}).encode(),
                        "application/json", token)
             lines.append(f"model      {model['name']} v{model['version']} assigned to every gateway's "
@@ -215,27 +206,6 @@ def roll_out_shipped_models(api: str, admin_password: str) -> list[str]:
         except (OSError, ValueError, KeyError) as exc:
             lines.append(f"model      {path.name}: not rolled out ({exc}); the fleet runs without it")
     return lines
-
-
-class HttpRefused(ValueError):
-    """The hub answered with an HTTP error."""
-
-    def __init__(self, status: int, message: str) -> None:
-        super().__init__(message)
-        self.status = status
-
-
-def _http_json(method: str, url: str, body: bytes, content_type: str, token: str | None = None) -> dict[str, Any]:
-    headers = {"Content-Type": content_type}
-    if token is not None:
-        headers["Authorization"] = f"Bearer {token}"
-    req = urllib.request.Request(url, data=body, method=method, headers=headers)
-    try:
-        with urllib.request.urlopen(req, timeout=30) as resp:
-            doc: dict[str, Any] = json.loads(resp.read())
-            return doc
-    except urllib.error.HTTPError as exc:
-        raise HttpRefused(exc.code, f"{method} {url}: HTTP {exc.code} {exc.read()[:300]!r}") from None
 
 
 def _shutdown(children: list[ReadyProcess], broker: Mosquitto) -> None:

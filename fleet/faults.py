@@ -129,9 +129,10 @@ def hub_stored_in(db_path: Path, site: str, gateway: str, ranges: SeqRanges) -> 
     return total
 
 
-def hub_rows_via_api(api: str, site: str, gateway: str, devices: list[str],
+def hub_rows_via_api(api: str, site: str, gateway: str, devices: list[str], token: str,
                      page: int = 10_000) -> dict[str, list[tuple[int, int]]]:
-    """Like :func:`hub_rows`, through ``GET /api/v1/devices/{id}/readings`` (paged with ``since``)."""
+    """Like :func:`hub_rows`, through ``GET /api/v1/devices/{id}/readings`` (paged with ``since``),
+    signed in with the bearer ``token``."""
     out: dict[str, list[tuple[int, int]]] = {}
     for dev in devices:
         uid = f"{site}.{gateway}.{dev}"
@@ -141,7 +142,8 @@ def hub_rows_via_api(api: str, site: str, gateway: str, devices: list[str],
         while True:
             query = {"limit": str(page), **({"since": since} if since else {})}
             url = f"{api}/api/v1/devices/{uid}/readings?{urllib.parse.urlencode(query)}"
-            with urllib.request.urlopen(url, timeout=30) as resp:
+            request = urllib.request.Request(url, headers={"Authorization": f"Bearer {token}"})
+            with urllib.request.urlopen(request, timeout=30) as resp:
                 batch = json.loads(resp.read())
             fresh = [r for r in batch if r["seq"] not in seen]
             for r in fresh:

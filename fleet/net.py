@@ -32,3 +32,26 @@ def wait_for_port(host: str, port: int, timeout: float = 10.0) -> None:
             return
         time.sleep(0.02)
     raise TimeoutError(f"nothing listening on {host}:{port} after {timeout:.0f}s")
+
+
+def free_port_block(count: int, host: str = "127.0.0.1", attempts: int = 50) -> int:
+    """First of ``count`` consecutive TCP ports that were all free a moment ago (simulators take
+    ``base, base+1, ...``); ``RuntimeError`` after ``attempts`` tries."""
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    for _ in range(attempts):
+        base = free_port(host)
+        if base + count > 65535:
+            continue
+        held: list[socket.socket] = []
+        try:
+            for port in range(base, base + count):
+                s = socket.socket(family, socket.SOCK_STREAM)
+                held.append(s)
+                s.bind((host, port))
+            return base
+        except OSError:
+            continue
+        finally:
+            for s in held:
+                s.close()
+    raise RuntimeError(f"no {count} consecutive free ports on {host}")

@@ -16,7 +16,7 @@ import paho.mqtt.client as mqtt
 import psutil
 
 from fleet.broker import find_mosquitto
-from fleet.net import free_port
+from fleet.net import free_port, free_port_block
 from tests.hubtools import BearerAuth
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -52,8 +52,16 @@ def anonymous_mqtt_refused(port: int) -> bool:
 
 def test_demo_runs_fleet_and_stops_cleanly_on_sigterm(tmp_path: Path) -> None:
     find_mosquitto()  # a missing broker is a setup failure, not a demo failure
-    hub_port, mqtt_port, sim_port = free_port(), free_port(), free_port()
-    metrics_port = free_port()
+    # Ports taken from one block: the four simulators listen on sim_port..sim_port+3.
+    sim_port = free_port_block(4)
+    others: list[int] = []
+    for _ in range(50):
+        port = free_port()
+        if not sim_port <= port < sim_port + 4 and port not in others:
+            others.append(port)
+        if len(others) == 3:
+            break
+    hub_port, mqtt_port, metrics_port = others
     # No TWIN_ADMIN_PASSWORD: the demo makes one, keeps it in its workdir and prints it.
     inherited = {k: v for k, v in os.environ.items() if k != "TWIN_ADMIN_PASSWORD"}
     env = {**inherited, "HUB_PORT": str(hub_port), "MQTT_PORT": str(mqtt_port), "SIM_BASE_PORT": str(sim_port),

@@ -30,6 +30,8 @@ from fleet.faults import (
     hub_duplicates,
     hub_rows_via_api,
 )
+from fleet.hubapi import sign_in
+from tests.hubtools import ADMIN_PASSWORD
 
 ITERATIONS = 12
 LATENCY_S = 0.04
@@ -57,7 +59,8 @@ def test_kill_9_edge_under_load_loses_and_duplicates_nothing(mosquitto: Mosquitt
         assert min(d.committed for d in verdict.devices.values()) > 500
 
         # The same rows through the REST API.
-        api_rows = hub_rows_via_api(fleet.api, fleet.site, fleet.gateway, list(SIM_DEVICES))
+        api_rows = hub_rows_via_api(fleet.api, fleet.site, fleet.gateway, list(SIM_DEVICES),
+                                    sign_in(fleet.api, "admin", ADMIN_PASSWORD))
         for dev, d in verdict.devices.items():
             assert sorted(s for s, _ in api_rows[dev]) == list(range(d.first_seq, d.last_seq + 1)), dev
 
