@@ -50,7 +50,7 @@ class ModelCard(BaseModel):
 
     name: Name
     """Model family name, e.g. ``sim-boiler-anomaly``; versions of one name replace each other."""
-    version: Annotated[int, Field(ge=1)]
+    version: Annotated[int, Field(ge=1, le=2**31 - 1)]  # the hub stores it in a 32-bit integer column
     profile: Name
     """Device profile whose devices the model scores (``sim-boiler``); ``*`` is not allowed."""
     inputs: Annotated[list[ModelInput], Field(min_length=1, max_length=64)]

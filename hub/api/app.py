@@ -12,6 +12,7 @@ from starlette.types import ASGIApp, Receive, Scope, Send
 from hub import __version__
 from hub.alerts.rules import SmtpConfig
 from hub.api.access import AuthState, check_routes
+from hub.api.limits import BodyLimit
 from hub.billing.config import BillingConfig, PaymentsConfig
 from hub.commands import CommandService
 from hub.config import StatusConfig
@@ -104,4 +105,5 @@ def create_app(ctx: ApiContext) -> FastAPI:
         check_routes(r.routes)
         app.include_router(r)
     app.add_middleware(_ActivateDatabase, db=ctx.db)
+    app.add_middleware(BodyLimit)  # 413 above 1 MiB (hub/api/limits.py): no unbounded buffering
     return app

@@ -31,7 +31,9 @@ from protocol.ids import NAME_PATTERN
 router = APIRouter(prefix="/api/v1")
 
 NamePath = Annotated[str, Path(pattern=NAME_PATTERN, max_length=64)]
-VersionPath = Annotated[int, Path(ge=1)]
+# Versions are 32-bit integer columns: a larger number in a path is a 422, not a database overflow.
+MAX_VERSION = 2**31 - 1
+VersionPath = Annotated[int, Path(ge=1, le=MAX_VERSION)]
 User = ActingUser
 
 
@@ -95,7 +97,8 @@ async def upload_model(
     user: User,
     name: Annotated[str | None, Query(pattern=NAME_PATTERN, max_length=64,
                                       description="Refuse the file unless its card has this name")] = None,
-    version: Annotated[int | None, Query(ge=1, description="Refuse the file unless its card has this version")] = None,
+    version: Annotated[int | None, Query(ge=1, le=MAX_VERSION,
+                                         description="Refuse the file unless its card has this version")] = None,
     profile: Annotated[str | None, Query(pattern=NAME_PATTERN, max_length=64,
                                          description="Refuse the file unless its card has this profile")] = None,
 ) -> JSONResponse:

@@ -167,7 +167,7 @@ class AssignmentIn(BaseModel):
 
     profile: Name = Field(description="Device profile, e.g. `sim-boiler`")
     name: Name = Field(description="Model name")
-    version: Annotated[int, Field(ge=1)]
+    version: Annotated[int, Field(ge=1, le=2**31 - 1)]  # a 32-bit integer column: larger is a 422, not a 500
     gateway: str | None = Field(default=None, description="Gateway id `site.gateway`; omitted or null: "
                                                           "fleet-wide (every gateway without its own assignment)")
 
