@@ -17,6 +17,10 @@ from pathlib import Path
 from types import TracebackType
 
 from fleet.net import free_port, port_open, wait_for_port
+from protocol.schema import MAX_PAYLOAD_BYTES
+
+MAX_PACKET_BYTES = MAX_PAYLOAD_BYTES + 64 * 1024
+"""Mosquitto's ``max_packet_size``: the protocol's payload limit plus room for topic and header."""
 
 
 class BrokerUnavailable(RuntimeError):
@@ -133,6 +137,10 @@ class Mosquitto:
             # Mosquitto only writes its queue to disk on autosave: a broker crash loses what
             # arrived since (docs/delivery.md). Every second keeps that window short.
             "autosave_interval 1\n"
+            # A client that sends a bigger packet is disconnected before the broker buffers it
+            # (docs/security.md, "Hostile input"); the headroom over the protocol's payload limit
+            # lets a slightly oversized payload through to the hub, which rejects and counts it.
+            f"max_packet_size {MAX_PACKET_BYTES}\n"
             f"log_dest file {self.log_path}\n"
             "log_type error\nlog_type warning\nlog_type notice\n"
             "connection_messages true\n"

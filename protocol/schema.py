@@ -272,6 +272,9 @@ def _load(payload: bytes) -> dict[str, Any]:
         doc = json.loads(payload)
     except (ValueError, UnicodeDecodeError) as exc:
         raise SchemaError(f"payload is not JSON: {exc}") from None
+    except RecursionError:
+        # Thousands of nested brackets exhaust the parser's stack; that is hostile input, not a crash.
+        raise SchemaError("payload is not JSON: nested too deeply") from None
     if not isinstance(doc, dict):
         raise SchemaError("payload is not a JSON object")
     return doc

@@ -1,0 +1,117 @@
+"""Hostile MQTT input against a real Mosquitto and an in-process hub (ingest) or the gateway's
+downlink (edge): every bad message is rejected, counted by reason, stores nothing, and the next
+good message is still taken. ``test_hub_ingest.py`` covers the plain cases (not JSON, wrong
+shape, wrong version, other site); these are the ones a hostile client would try on top.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import aiomqtt
+import httpx
+import pytest
+
+from fleet.broker import MAX_PACKET_BYTES, Mosquitto
+from hub.models import GatewayEvent, Reading
+from hub.service import running_hub
+from protocol.schema import MAX_PAYLOAD_BYTES
+from protocol.topics import events_topic, telemetry_topic
+from tests.hubtools import T0, admin_auth, event_payload, hub_config, series, telemetry_payload, wait_until
+
+
+async def publish(broker: Mosquitto, *messages: tuple[str, bytes]) -> None:
+    """QoS 1 publishes, each acknowledged by the broker."""
+    async with aiomqtt.Client(broker.host, broker.port, identifier="hostile-publisher", timeout=30) as client:
+        for topic, payload in messages:
+            await client.publish(topic, payload, qos=1)
+
+
+def metric(text: str, line: str) -> float:
+    """The value of one exposition ``line`` prefix (``name{labels}``); 0 if absent."""
+    for row in text.splitlines():
+        if row.startswith(line + " "):
+            return float(row.split()[-1])
+    return 0.0
+
+
+async def test_hostile_payloads_are_rejected_counted_and_ingest_goes_on(mosquitto: Mosquitto, tmp_path: Path) -> None:
+    topic = telemetry_topic("site1", "gw1")
+    good = json.loads(telemetry_payload("site1", "gw1", series("b1", "temp", 1)))
+    reading = good["readings"][0]
+
+    def with_value(raw: str) -> bytes:  # a reading value spelled as Python's json accepts it
+        doc = {**good, "readings": [{**reading, "seq": 99, "value": "@"}]}
+        return json.dumps(doc).replace('"@"', raw).encode()
+
+    # Padding inside a valid document: the size, not the content, is what is refused.
+    oversized = json.dumps({**good, "pad": "x" * MAX_PAYLOAD_BYTES}).encode()
+    assert MAX_PAYLOAD_BYTES < len(oversized) < MAX_PACKET_BYTES - 1000  # the broker passes it on
+    hostile: list[tuple[str, bytes, str]] = [
+        (topic, oversized, "too_large"),
+        (topic, b"\xff\xfe{\"v\": 1}", "not_json"),  # invalid UTF-8
+        (topic, b"[" * 100_000 + b"]" * 100_000, "not_json"),  # nested past the parser's stack
+        (topic, b'{"v": 1, "a": ' * 50_000 + b"1" + b"}" * 50_000, "not_json"),
+        (topic, with_value("NaN"), "invalid"),
+        (topic, with_value("Infinity"), "invalid"),
+        (topic, with_value("-Infinity"), "invalid"),
+        (topic, with_value("1e999"), "invalid"),  # parses to inf
+        (topic, json.dumps({**good, "v": "1"}).encode(), "no_version"),
+        (topic, json.dumps({**good, "readings": {"a": 1}}).encode(), "invalid"),  # wrong shape
+        (topic, json.dumps({**good, "gateway": "gw2"}).encode(), "site_mismatch"),
+        (topic, b"", "not_json"),
+        ("twin/v1/site1/gw 1/telemetry", telemetry_payload("site1", "gw 1", series("b1", "temp", 1)), "topic"),
+        (events_topic("site1", "gw1"), event_payload("site1", "gw1", "buffer_full", details={"x": "@"})
+         .replace(b'"@"', b"NaN"), "invalid"),
+    ]
+    expected: dict[str, int] = {}
+    for _, _, reason in hostile:
+        expected[reason] = expected.get(reason, 0) + 1
+    config = hub_config(db_url=f"sqlite://{tmp_path}/hub.db", mqtt_port=mosquitto.port)
+    async with running_hub(config) as hub:
+        await publish(mosquitto, *[(t, p) for t, p, _ in hostile])
+        # A payload over the broker's packet limit never reaches the hub: Mosquitto drops the
+        # connection of the client that sent it.
+        with pytest.raises(aiomqtt.MqttError):
+            async with aiomqtt.Client(mosquitto.host, mosquitto.port, identifier="hostile-big", timeout=3) as big:
+                await big.publish(topic, b"x" * (8 * 1024 * 1024), qos=1)
+        # An unknown channel is not subscribed: the broker never hands it to the hub.
+        stray = telemetry_payload("site1", "gw1", series("b1", "x", 1))
+        await publish(mosquitto, ("twin/v1/site1/gw1/firmware", stray))
+        last = telemetry_payload("site1", "gw1", [("b1", "temp", 7, T0, 42.5, "degC", "good")])
+        await publish(mosquitto, (topic, last))
+        await wait_until(lambda: hub.stats.readings_stored == 1, within_s=20, what="the good message stored")
+        await wait_until(lambda: hub.stats.acked == len(hostile) + 1, what="every message acknowledged")
+        assert dict(hub.stats.malformed_by_reason) == expected
+        assert hub.stats.malformed == len(hostile)
+        assert hub.stats.messages == len(hostile) + 1  # neither the 8 MB one nor the unknown channel
+        assert hub.ingest.connected
+        with hub.db.activate():
+            rows = await Reading.all().values_list("seq", "value")
+            assert await GatewayEvent.all().count() == 0
+        assert rows == [(7, 42.5)]
+        async with httpx.AsyncClient(auth=admin_auth(), base_url=hub.api_url) as http:
+            text = (await http.get("/metrics")).text
+            latest = (await http.get("/api/v1/devices/site1.gw1.b1/latest")).json()
+        assert latest["metrics"]["temp"]["value"] == 42.5
+        for reason, n in expected.items():
+            assert metric(text, f'twin_hub_malformed_messages_total{{reason="{reason}"}}') == n, reason
+        assert await _still_ingesting(mosquitto, hub)
+    assert "Client hostile-big disconnected due to oversize packet." in mosquitto.log_path.read_text()
+
+
+async def _still_ingesting(broker: Mosquitto, hub: object) -> bool:
+    """One more good message after all that is stored too (the session survived)."""
+    await publish(broker, (telemetry_topic("site1", "gw1"),
+                           telemetry_payload("site1", "gw1", [("b1", "temp", 8, T0 + 1, 43.0, "degC", "good")])))
+    await wait_until(lambda: hub.stats.readings_stored == 2, what="the second good message")  # type: ignore[attr-defined]
+    return True
+
+
+def test_broker_packet_limit_is_written(mosquitto: Mosquitto) -> None:
+    conf = (mosquitto.workdir / "mosquitto.conf").read_text()
+    assert f"max_packet_size {MAX_PACKET_BYTES}\n" in conf
+    production = (Path(__file__).parent.parent / "examples" / "mosquitto.production.conf").read_text()
+    assert f"max_packet_size {MAX_PACKET_BYTES}\n" in production
+
