@@ -57,6 +57,10 @@ class EdgeMetrics:
         # Setpoint commands from the hub (edge/commands.py).
         self.commands = Counter("twin_edge_commands", "Hub commands by outcome (applied, refused, failed, "
                                 "duplicate, malformed) and reason", ["outcome", "reason"], registry=r)
+        # Hostile or broken hub-to-gateway messages (edge/uplink.py): dropped before their handler.
+        self.downlink_rejected = Counter("twin_edge_downlink_rejected", "Hub-to-gateway messages dropped, by "
+                                         "channel and reason (too_large, not_json, invalid, error)",
+                                         ["channel", "reason"], registry=r)
 
     def serve(self, host: str, port: int) -> None:
         """Start the exporter thread (prometheus_client's own HTTP server)."""

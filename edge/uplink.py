@@ -30,12 +30,32 @@ from protocol.schema import (
     EventType,
     EventV1,
     GatewayState,
+    SchemaError,
     StatusV1,
+    decode_gateway_config,
+    decode_model_assignment,
     encode,
     encode_telemetry_v1,
 )
 
 log = get_logger("edge.uplink")
+
+# Hub-to-gateway payloads of these channels are validated here before their handler sees them, so a
+# hostile or broken one (oversized, not JSON, nested past the parser, wrong shape) is dropped and
+# counted in one place. Commands are not: their handler counts its malformed ones itself.
+_DOWNLINK_CHECKS: dict[str, Callable[[bytes], object]] = {
+    "models": lambda p: decode_model_assignment(p, expect_version=1),
+    "config": lambda p: decode_gateway_config(p, expect_version=1),
+}
+
+
+def _rejection(message: str) -> str:
+    """A short, fixed label for a :class:`SchemaError` message (a Prometheus label value)."""
+    if message.startswith("payload of"):
+        return "too_large"
+    if message.startswith("payload is not"):
+        return "not_json"
+    return "invalid"
 
 
 def now_ms() -> int:
@@ -64,6 +84,7 @@ class Uplink:
         """Reports the anomaly model per profile for the status message (set by the agent)."""
         self._downlink: dict[str, Callable[[bytes], None]] = {}
         """Hub-to-gateway topics the session subscribes to, each with the handler of its messages."""
+        self._downlink_channel: dict[str, str] = {}
         self._status_dirty = asyncio.Event()
         # Built once: it reads the CA and key files (rotating them means restarting the agent).
         self._tls = cfg.mqtt.tls_context()
@@ -73,7 +94,9 @@ class Uplink:
         session and hand each payload to ``handler`` on the event loop (it must not block)."""
         if channel not in topics.DOWNLINK_CHANNELS:
             raise ValueError(f"{channel!r} is not a hub-to-gateway channel")
-        self._downlink[topics.channel_topic(channel, self.site, self.gateway)] = handler
+        topic = topics.channel_topic(channel, self.site, self.gateway)
+        self._downlink[topic] = handler
+        self._downlink_channel[topic] = channel
 
     def status_changed(self) -> None:
         """Publish the retained status again (the models changed)."""
@@ -170,11 +193,25 @@ class Uplink:
             handler = self._downlink.get(msg.topic.value)
             if handler is None:
                 continue
+            channel = self._downlink_channel[msg.topic.value]
             payload = msg.payload
+            data = bytes(payload) if isinstance(payload, bytes | bytearray) else str(payload).encode()
+            check = _DOWNLINK_CHECKS.get(channel)
+            if check is not None and data:  # empty: a retained message cleared, the handler's news
+                try:
+                    check(data)
+                except SchemaError as exc:
+                    reason = _rejection(str(exc))
+                    self.metrics.downlink_rejected.labels(channel, reason).inc()
+                    # Reason and size only: the payload may be megabytes and hold anything.
+                    log.error("downlink_message_rejected", channel=channel, reason=reason, size=len(data),
+                              error=str(exc)[:300])
+                    continue
             try:
-                handler(bytes(payload) if isinstance(payload, bytes | bytearray) else str(payload).encode())
+                handler(data)
             except Exception as exc:  # a bad message must not cost the connection
-                log.exception("downlink_message_not_taken", topic=msg.topic.value, error=repr(exc))
+                self.metrics.downlink_rejected.labels(channel, "error").inc()
+                log.exception("downlink_message_not_taken", topic=msg.topic.value, error=repr(exc)[:300])
 
     async def _forward(self, client: aiomqtt.Client) -> None:
         """Hand readings to the broker: live ones first, the backlog in between.

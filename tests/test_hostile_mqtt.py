@@ -6,18 +6,24 @@ shape, wrong version, other site); these are the ones a hostile client would try
 
 from __future__ import annotations
 
+import asyncio
 import json
+from collections.abc import Callable
 from pathlib import Path
 
 import aiomqtt
 import httpx
 import pytest
 
+from edge.buffer import ReadingBuffer
+from edge.config import EdgeConfig
+from edge.metrics import EdgeMetrics
+from edge.uplink import Uplink
 from fleet.broker import MAX_PACKET_BYTES, Mosquitto
 from hub.models import GatewayEvent, Reading
 from hub.service import running_hub
-from protocol.schema import MAX_PAYLOAD_BYTES
-from protocol.topics import events_topic, telemetry_topic
+from protocol.schema import MAX_PAYLOAD_BYTES, GatewayConfigV1, ModelAssignmentV1, encode
+from protocol.topics import channel_topic, events_topic, telemetry_topic
 from tests.hubtools import T0, admin_auth, event_payload, hub_config, series, telemetry_payload, wait_until
 
 
@@ -115,3 +121,66 @@ def test_broker_packet_limit_is_written(mosquitto: Mosquitto) -> None:
     production = (Path(__file__).parent.parent / "examples" / "mosquitto.production.conf").read_text()
     assert f"max_packet_size {MAX_PACKET_BYTES}\n" in production
 
+
+
+# -- the gateway's downlink -------------------------------------------------------------------
+
+async def test_gateway_downlink_drops_and_counts_bad_messages_and_keeps_taking_good_ones(
+        mosquitto: Mosquitto, tmp_path: Path) -> None:
+    site, gw = "site-1", "gw-1"
+    cfg = EdgeConfig.model_validate({
+        "gateway": {"site": site, "name": gw},
+        "mqtt": {"host": mosquitto.host, "port": mosquitto.port, "reconnect_min_s": 0.1, "reconnect_max_s": 0.5},
+        "buffer": {"path": str(tmp_path / "buf.db")},
+    })
+    buf = ReadingBuffer(tmp_path / "buf.db")
+    await buf.open()
+    metrics = EdgeMetrics()
+    up = Uplink(cfg, buf, {}, metrics)
+    got: dict[str, list[bytes]] = {"config": [], "models": [], "commands": []}
+
+    def taker(channel: str) -> Callable[[bytes], None]:
+        def take(payload: bytes) -> None:
+            if payload == b"boom":
+                raise RuntimeError("a handler that fails")
+            got[channel].append(payload)
+        return take
+
+    for channel in ("config", "models", "commands"):
+        up.on_downlink(channel, taker(channel))  # type: ignore[arg-type]
+    now = T0
+    good_config = encode(GatewayConfigV1(site=site, gateway=gw, ts=now, version=3, config={"devices": []}))
+    good_models = encode(ModelAssignmentV1(site=site, gateway=gw, ts=now))
+    deep = b"[" * 100_000 + b"]" * 100_000
+    hostile: list[tuple[str, bytes, str]] = []
+    for channel, good in (("config", good_config), ("models", good_models)):
+        doc = json.loads(good)
+        hostile += [
+            (channel, json.dumps({**doc, "pad": "x" * MAX_PAYLOAD_BYTES}).encode(), "too_large"),
+            (channel, b"\xff\xfe not utf-8", "not_json"),
+            (channel, deep, "not_json"),
+            (channel, json.dumps({**doc, "ts": "NaN"}).replace('"NaN"', "NaN").encode(), "invalid"),
+            (channel, json.dumps({**doc, "v": 2}).encode(), "invalid"),  # another schema version
+            (channel, json.dumps([doc]).encode(), "not_json"),  # not an object
+        ]
+    task = asyncio.create_task(up.run())
+    try:
+        await asyncio.wait_for(up.connected.wait(), 10)
+        topic = {c: channel_topic(c, site, gw) for c in ("config", "models", "commands")}  # type: ignore[arg-type]
+        await publish(mosquitto, *[(topic[c], p) for c, p, _ in hostile],
+                      (topic["commands"], b"boom"),  # the handler raises: counted, session kept
+                      (topic["config"], good_config), (topic["models"], good_models),
+                      (topic["commands"], b"{}"))
+        await wait_until(lambda: bool(got["commands"]), what="the messages after the bad ones")
+        await wait_until(lambda: bool(got["config"] and got["models"]), what="the good config and models")
+        assert got == {"config": [good_config], "models": [good_models], "commands": [b"{}"]}
+        for channel, _, reason in hostile:
+            n = sum(1 for c, _, r in hostile if (c, r) == (channel, reason))
+            assert metrics.downlink_rejected.labels(channel, reason)._value.get() == n, (channel, reason)
+        assert metrics.downlink_rejected.labels("commands", "error")._value.get() == 1
+        assert up.connected.is_set() and metrics.mqtt_reconnects._value.get() == 0
+    finally:
+        up.stop()
+        task.cancel()
+        await asyncio.gather(task, return_exceptions=True)
+        await buf.close()
