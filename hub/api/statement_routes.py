@@ -28,6 +28,9 @@ log = get_logger("hub.api.statements")
 
 router = APIRouter(prefix="/api/v1", tags=["statements"])
 
+MAX_NUMBER_LENGTH = 32
+"""``statement.number`` is a 32-character column."""
+
 User = ActingUser
 Number = Annotated[str, Field(pattern=r"^ST-\d{4}-\d{6}$")]
 
@@ -134,7 +137,8 @@ def _out(s: StatementRecord) -> StatementOut:
 
 
 async def _statement(ctx: ApiContext, number: str) -> StatementRecord:
-    s = await statements.get_statement(ctx.db, number)
+    # Longer than the column cannot exist (and Tortoise refuses such a filter value with an error).
+    s = await statements.get_statement(ctx.db, number) if len(number) <= MAX_NUMBER_LENGTH else None
     if s is None:
         raise HTTPException(404, f"unknown statement {number!r}")
     return s
