@@ -149,7 +149,8 @@ class Hub:
         app = create_app(ApiContext(db=self.db, status=self.config.status, ingest=self.ingest,
                                     metrics=self.metrics, rollout=self.rollout,
                                     signals=self.signals, billing=self.config.billing,
-                                    smtp=self.config.alerts.smtp, payments=self.config.payments,
+                                    smtp=self.config.alerts.smtp, alerts=self.config.alerts,
+                                    payments=self.config.payments,
                                     configs=self.configs, commands=self.commands,
                                     provisioning=self.provisioning, auth=self.auth))
         http = self.config.http

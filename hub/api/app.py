@@ -10,7 +10,7 @@ from fastapi import FastAPI
 from starlette.types import ASGIApp, Receive, Scope, Send
 
 from hub import __version__
-from hub.alerts.rules import SmtpConfig
+from hub.alerts.rules import AlertsConfig, SmtpConfig
 from hub.api.access import AuthState, check_routes
 from hub.api.limits import BodyLimit
 from hub.billing.config import BillingConfig, PaymentsConfig
@@ -45,6 +45,8 @@ class ApiContext:
     """The hub's one signal bus (billing emits human-error signals, the alert engine listens)."""
     smtp: SmtpConfig = field(default_factory=SmtpConfig)
     """The mail server statements are e-mailed through (``[alerts.smtp]``)."""
+    alerts: AlertsConfig = field(default_factory=AlertsConfig)
+    """The alert rules in force (``[alerts]``); the what-if simulator evaluates them."""
     payments: PaymentsConfig = field(default_factory=PaymentsConfig)
     """The payment provider of statements (``[payments]``; off by default)."""
     auth: AuthState = field(default_factory=AuthState)
@@ -86,9 +88,9 @@ def create_app(ctx: ApiContext) -> FastAPI:
     from hub.api.config_routes import router as config_router
     from hub.api.model_routes import router as models_router
     from hub.api.provisioning_routes import router as provisioning_router
-    from hub.api.report_routes import router as report_router
     from hub.api.routes import metrics_router, router
     from hub.api.statement_routes import router as statements_router
+    from hub.api.whatif_routes import router as whatif_router
 
     app = FastAPI(
         title="Digital twin hub",
@@ -102,7 +104,8 @@ def create_app(ctx: ApiContext) -> FastAPI:
     # Checked on each router before inclusion: FastAPI (0.16x) includes routers lazily, so the
     # app's own route list does not hold the APIRoute objects.
     for r in (auth_router, router, models_router, alerts_router, billing_router, statements_router, config_router,
-              commands_router, provisioning_router, report_router, metrics_router):
+              whatif_router,
+              commands_router, provisioning_router, metrics_router):
         check_routes(r.routes)
         app.include_router(r)
     app.add_middleware(_ActivateDatabase, db=ctx.db)
