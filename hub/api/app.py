@@ -88,9 +88,9 @@ def create_app(ctx: ApiContext) -> FastAPI:
     from hub.api.config_routes import router as config_router
     from hub.api.model_routes import router as models_router
     from hub.api.provisioning_routes import router as provisioning_router
+    from hub.api.report_routes import router as report_router
     from hub.api.routes import metrics_router, router
     from hub.api.statement_routes import router as statements_router
-    from hub.api.twin_routes import router as twin_router
     from hub.api.whatif_routes import router as whatif_router
 
     app = FastAPI(
@@ -105,9 +105,8 @@ def create_app(ctx: ApiContext) -> FastAPI:
     # Checked on each router before inclusion: FastAPI (0.16x) includes routers lazily, so the
     # app's own route list does not hold the APIRoute objects.
     for r in (auth_router, router, models_router, alerts_router, billing_router, statements_router, config_router,
-              twin_router,
               whatif_router,
-              commands_router, provisioning_router, metrics_router):
+              commands_router, provisioning_router, report_router, metrics_router):
         check_routes(r.routes)
         app.include_router(r)
     app.add_middleware(_ActivateDatabase, db=ctx.db)
