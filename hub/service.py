@@ -25,11 +25,13 @@ from hub.config import HubConfig
 from hub.db import Database, redact_url
 from hub.gateway_config import GatewayConfigs
 from hub.ingest import Ingest, now_ms
+from hub.live import FleetEvents
 from hub.metrics import HubMetrics, IngestStats
 from hub.provisioning import build_provisioning
 from hub.rollout import Rollout
 from hub.signals import SignalBus
 from hub.store import Store
+from hub.web.summary import fleet_summary
 from protocol.logs import get_logger
 
 log = get_logger("hub")
@@ -92,6 +94,10 @@ class Hub:
         self.ingest.on_committed(self.commands.on_committed)
         # Provisioning: claim codes, gateway broker logins, and (with [broker_auth]) Mosquitto's files.
         self.provisioning = build_provisioning(config, self.db, self.configs)
+        # Dashboard: every committed batch marks the live fleet summary out of date (coalesced, off
+        # the ingest path; hub/live.py).
+        self.fleet_events = FleetEvents(lambda: fleet_summary(self.db, config.status, now_ms()))
+        self.ingest.on_committed(self.fleet_events.on_batch)
         self.port: int | None = None
         self._server: _Server | None = None
         self._tasks: list[asyncio.Task[None]] = []
@@ -152,7 +158,8 @@ class Hub:
                                     smtp=self.config.alerts.smtp, alerts=self.config.alerts,
                                     payments=self.config.payments,
                                     configs=self.configs, commands=self.commands,
-                                    provisioning=self.provisioning, auth=self.auth))
+                                    provisioning=self.provisioning, auth=self.auth,
+                                    fleet_events=self.fleet_events))
         http = self.config.http
         self._server = _Server(uvicorn.Config(
             app, host=http.host, port=http.port, log_config=None,
@@ -217,6 +224,7 @@ class Hub:
         await self.rollout.stop()
         await self.configs.stop()
         await self.ingest.stop(drain_s)
+        await self.fleet_events.close()  # ends the dashboards' streams, so HTTP can stop at once
         if self._server is not None:
             self._server.should_exit = True
         for task in self._tasks:

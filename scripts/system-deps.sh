@@ -13,6 +13,8 @@ if [ "$purpose" = "test" ]; then
   ls /usr/lib/postgresql/*/bin/initdb >/dev/null 2>&1 || command -v initdb >/dev/null 2>&1 || need+=(postgresql)
   # an independent Modbus master for the interoperability tests
   command -v mbpoll >/dev/null 2>&1 || need+=(mbpoll)
+  # the browser the dashboard tests drive through Playwright (no browser downloads)
+  [ -x /usr/bin/chromium ] || need+=(chromium)
 fi
 
 [ ${#need[@]} -eq 0 ] && exit 0

@@ -6,7 +6,7 @@ import email
 import email.message
 import email.policy
 import os
-from collections.abc import Iterator
+from collections.abc import AsyncIterator, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -16,6 +16,7 @@ import pytest
 from fleet.broker import BrokerTls, BrokerUnavailable, Mosquitto
 from fleet.net import free_port
 from fleet.postgres import PostgresCluster, PostgresUnavailable
+from tests import browser as browsers
 from tests.hubtools import ADMIN_PASSWORD
 from tests.parts import missing_part
 from tests.tlstools import Pki, make_pki
@@ -38,6 +39,13 @@ def mosquitto(tmp_path: Path) -> Iterator[Mosquitto]:
         yield broker
     finally:
         broker.cleanup()
+
+
+@pytest.fixture
+async def browser() -> AsyncIterator[Any]:
+    """Headless Debian Chromium driven by Playwright's async API (tests/browser.py)."""
+    async with browsers.launch() as b:
+        yield b
 
 
 @pytest.fixture(scope="session")

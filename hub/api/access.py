@@ -9,6 +9,15 @@ Every route declares exactly one guard, as a parameter or in ``dependencies``::
 guard or two, and writes the allowed roles into the OpenAPI document (``x-roles``), which is what
 the route × role test walks. A missing or bad token gives **401** (with ``WWW-Authenticate:
 Bearer``), a valid token of a role not allowed gives **403**.
+
+Browsers (the dashboard, :mod:`hub.web`) carry the same access token in the HttpOnly cookie
+:data:`SESSION_COOKIE` instead of the ``Authorization`` header; the header wins when both are
+there. Because a browser attaches cookies on its own, a request authenticated by the cookie that
+can change something (POST, PUT, PATCH, DELETE) must also carry ``X-Twin-CSRF: 1``: a cross-site
+HTML form cannot set a header at all, and a cross-site ``fetch`` with a custom header needs a CORS
+pre-flight the hub never grants. The cookie's ``SameSite=Strict`` already keeps other sites'
+requests from carrying it in current browsers; the header also covers old browsers and sibling
+sub-domains (which count as "same site"). See ``docs/dashboard.md``.
 """
 
 from __future__ import annotations
@@ -30,8 +39,10 @@ from hub.users import Role
 
 __all__ = [
     "ADMIN",
+    "CSRF_HEADER",
     "FIELD",
     "READERS",
+    "SESSION_COOKIE",
     "STAFF",
     "ActingUser",
     "AuthState",
@@ -54,6 +65,11 @@ ADMIN: tuple[Role, ...] = (Role.ADMIN,)
 """User management."""
 
 TOKEN_URL = "/api/v1/auth/token"
+SESSION_COOKIE = "twin_session"
+"""Cookie holding a browser's access token (set by ``POST /web/login``)."""
+CSRF_HEADER = "X-Twin-CSRF"
+"""Header a cookie-authenticated unsafe request must carry (value ``1``)."""
+SAFE_METHODS = frozenset({"GET", "HEAD", "OPTIONS"})
 
 
 @dataclass(frozen=True)
@@ -137,6 +153,11 @@ class _Allow:
 
     async def check(self, request: Request, token: str | None) -> Principal:
         ctx = request.app.state.hub
+        if not token:
+            token = request.cookies.get(SESSION_COOKIE)
+            if token and request.method not in SAFE_METHODS and request.headers.get(CSRF_HEADER) != "1":
+                raise HTTPException(403, f"a request signed in by cookie that changes something needs the "
+                                         f"header {CSRF_HEADER}: 1")
         if not token:
             raise _unauthorised("sign in first: POST /api/v1/auth/token")
         try:

@@ -19,6 +19,7 @@ from hub.config import StatusConfig
 from hub.db import Database
 from hub.gateway_config import GatewayConfigs
 from hub.ingest import Ingest, now_ms
+from hub.live import FleetEvents
 from hub.metrics import HubMetrics
 from hub.provisioning import Provisioning
 from hub.rollout import Rollout
@@ -58,6 +59,9 @@ class ApiContext:
     provisioning: Provisioning | None = None
     """Claim codes, gateway broker logins and the broker's files (:mod:`hub.provisioning`); ``None``:
     the provisioning routes answer 503."""
+    fleet_events: FleetEvents | None = None
+    """Live fleet summaries for the dashboard's stream (:mod:`hub.live`); ``None``: the stream sends
+    one summary and ends."""
 
 
 class _ActivateDatabase:
@@ -88,10 +92,8 @@ def create_app(ctx: ApiContext) -> FastAPI:
     from hub.api.config_routes import router as config_router
     from hub.api.model_routes import router as models_router
     from hub.api.provisioning_routes import router as provisioning_router
-    from hub.api.report_routes import router as report_router
     from hub.api.routes import metrics_router, router
     from hub.api.statement_routes import router as statements_router
-    from hub.api.twin_routes import router as twin_router
     from hub.api.whatif_routes import router as whatif_router
 
     app = FastAPI(
@@ -106,11 +108,12 @@ def create_app(ctx: ApiContext) -> FastAPI:
     # Checked on each router before inclusion: FastAPI (0.16x) includes routers lazily, so the
     # app's own route list does not hold the APIRoute objects.
     for r in (auth_router, router, models_router, alerts_router, billing_router, statements_router, config_router,
-              twin_router,
               whatif_router,
-              commands_router, provisioning_router, report_router, metrics_router):
+              commands_router, provisioning_router, metrics_router):
         check_routes(r.routes)
         app.include_router(r)
+    from hub.web.routes import install as install_dashboard
+    install_dashboard(app)  # pages, /static, fleet summary and stream (hub/web/)
     app.add_middleware(_ActivateDatabase, db=ctx.db)
     app.add_middleware(BodyLimit)  # 413 above 1 MiB (hub/api/limits.py): no unbounded buffering
     return app

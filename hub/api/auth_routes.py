@@ -90,6 +90,16 @@ async def token(
     Rate-limited per username (failed attempts) and per client address (all attempts): **429**
     with ``Retry-After`` beyond the limit, before the password is even looked at.
     """
+    issued, ttl, role = await sign_in(ctx, request, username, password)
+    return TokenOut(access_token=issued, expires_in=ttl, role=role)
+
+
+async def sign_in(ctx: ApiContext, request: Request, username: str, password: str) -> tuple[str, int, Role]:
+    """Check a username and password under the sign-in rate limits; (access token, lifetime in s, role).
+
+    Shared by the API's token route and the dashboard's login form (:mod:`hub.web.routes`).
+    Raises ``HTTPException`` **429** (with ``Retry-After``) or **401**.
+    """
     auth = ctx.auth
     now = auth.monotonic()
     client = request.client.host if request.client else "?"
@@ -115,7 +125,7 @@ async def token(
     log.info("login", username=name, role=user.role, client=client)
     ttl = auth.token_ttl_s
     issued = tokens.issue_access(auth.secret, user.username, user.role, auth.now_s(), ttl)
-    return TokenOut(access_token=issued, expires_in=ttl, role=Role(user.role))
+    return issued, ttl, Role(user.role)
 
 
 @router.get("/auth/me", response_model=UserOut)

@@ -1,1 +1,0 @@
-"""The twin picture: per-component health of a device and its drawing (docs/twin.md)."""

@@ -1,0 +1,118 @@
+"""The fleet page in a real browser: keyboard sign-in, counts, live updates over SSE, search and
+filter, tablet layout (issue 8). A real in-process hub on 127.0.0.1 with a real Mosquitto;
+Chromium through Playwright (tests/browser.py). Screenshots: var/test-artifacts/screenshots/."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import aiomqtt
+import pytest
+
+from fleet.broker import Mosquitto
+from hub.ingest import now_ms
+from hub.service import running_hub
+from protocol.topics import telemetry_topic
+from tests.browser import DESKTOP, TABLET, screenshot
+from tests.hubtools import add_user, hub_config, series, telemetry_payload, wait_until
+
+pytestmark = pytest.mark.integration
+VIEWER_PASSWORD = "viewer-password-123"
+WAIT_MS = 15_000  # bounded waits on the DOM
+
+
+async def publish(broker: Mosquitto, site: str, gateway: str, readings: list[Any], kinds: dict[str, str],
+                  backlog: int = 0) -> None:
+    async with aiomqtt.Client(broker.host, broker.port, identifier="test-publisher") as client:
+        await client.publish(telemetry_topic(site, gateway),
+                             telemetry_payload(site, gateway, readings, kinds=kinds, backlog=backlog,
+                                               sent_at=now_ms()), qos=1)
+
+
+async def count(page: Any, key: str) -> str:
+    text: str = await page.locator(f'[data-count="{key}"]').inner_text()
+    return text
+
+
+async def test_fleet_page_signs_in_by_keyboard_and_updates_live(mosquitto: Mosquitto, tmp_path: Path,
+                                                                browser: Any) -> None:
+    config = hub_config(db_url=f"sqlite://{tmp_path}/hub.db", mqtt_port=mosquitto.port)
+    async with running_hub(config) as hub:
+        await add_user(hub.db, "viewer", "viewer", VIEWER_PASSWORD)
+        now = now_ms()
+        await publish(mosquitto, "plant1", "gw1",
+                      series("boiler1", "flow_temp", 2, ts0=now - 1000) + series("meter1", "power", 1, ts0=now),
+                      {"boiler1": "boiler", "meter1": "meter"}, backlog=12)
+        # Five minutes old: stale (default [status] stale_after_s = 120, offline_after_s = 600).
+        await publish(mosquitto, "plant1", "gw2", series("tank1", "level", 1, ts0=now - 300_000), {"tank1": "tank"})
+        await wait_until(lambda: hub.stats.readings_stored >= 4, what="seed readings stored")
+
+        context = await browser.new_context(viewport=DESKTOP)
+        page = await context.new_page()
+        page.set_default_timeout(WAIT_MS)
+        await page.goto(f"{hub.api_url}/fleet")
+        assert page.url.endswith("/login?next=/fleet")  # not signed in: to the form, not a JSON 401
+        await screenshot(page, "login")
+        # Keyboard only: the username field has the focus, Tab to the password, Enter submits.
+        assert await page.evaluate("document.activeElement.id") == "username"
+        await page.keyboard.type("viewer")
+        await page.keyboard.press("Tab")
+        assert await page.evaluate("document.activeElement.id") == "password"
+        await page.keyboard.type(VIEWER_PASSWORD)
+        await page.keyboard.press("Enter")
+        await page.wait_for_url(f"{hub.api_url}/fleet")
+        cookie = next(c for c in await context.cookies() if c["name"] == "twin_session")
+        assert cookie["httpOnly"] and cookie["sameSite"] == "Strict"
+        assert await page.evaluate("document.cookie") == ""  # HttpOnly: no script can read it
+
+        await page.locator('[data-state="live"]').wait_for()
+        assert [await count(page, k) for k in ("devices-online", "devices-stale", "devices-offline", "backlog")] \
+            == ["2", "1", "0", "12"]
+        gw1 = page.locator('[data-gateway="plant1.gw1"]')
+        assert "Backlog: 12 readings." in await gw1.inner_text()
+        assert await page.locator('tr[data-device="plant1.gw2.tank1"] [data-status]').inner_text() == "◐ stale"
+        assert await page.locator("th[scope=col]").count() == 10  # two device tables, five column headers each
+        await screenshot(page, "fleet")
+
+        # Live: a new device's telemetry arrives over MQTT and shows up without a reload.
+        await page.evaluate("window.__notReloaded = true")
+        await publish(mosquitto, "plant1", "gw1", series("boiler7", "flow_temp", 1, ts0=now_ms()),
+                      {"boiler7": "boiler"}, backlog=3)
+        await page.locator('tr[data-device="plant1.gw1.boiler7"]').wait_for()
+        await page.wait_for_function(
+            "document.querySelector('[data-count=\"devices-online\"]').textContent === '3'", timeout=WAIT_MS)
+        assert await count(page, "backlog") == "3"
+        assert await page.evaluate("window.__notReloaded === true")
+        await screenshot(page, "fleet-live-update")
+
+        # Search and status filter (client-side).
+        await page.get_by_label("Search").fill("meter")
+        assert await page.locator("tr[data-device]").all_inner_texts() == [
+            t for t in await page.locator("tr[data-device]").all_inner_texts() if "meter1" in t]
+        assert await page.locator("tr[data-device]").count() == 1
+        assert await page.locator("#shown").inner_text() == "Showing 1 of 4 devices."
+        await page.get_by_label("Search").fill("")
+        await page.get_by_label("Status").select_option("stale")
+        assert [await r.get_attribute("data-device") for r in await page.locator("tr[data-device]").all()] == [
+            "plant1.gw2.tank1"]
+        await page.get_by_label("Status").select_option("")
+        assert await page.locator("tr[data-device]").count() == 4
+
+        # A technician's tablet: nothing wider than the screen, the table still readable.
+        await page.set_viewport_size(TABLET)
+        assert await page.evaluate("document.documentElement.scrollWidth") <= TABLET["width"]
+        await screenshot(page, "fleet-tablet")
+
+        # Each device links to its page.
+        await page.locator('tr[data-device="plant1.gw1.boiler1"] a').click()
+        await page.wait_for_url(f"{hub.api_url}/devices/plant1.gw1.boiler1")
+        assert "flow_temp" in await page.locator("table").inner_text()
+        await screenshot(page, "device")
+
+        # Signing out ends the session: the fleet page sends the browser back to the form.
+        await page.get_by_role("button", name="Sign out").click()
+        await page.wait_for_url(f"{hub.api_url}/login")
+        await page.goto(f"{hub.api_url}/fleet")
+        assert page.url.endswith("/login?next=/fleet")
+        await context.close()
