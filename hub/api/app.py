@@ -94,6 +94,7 @@ def create_app(ctx: ApiContext) -> FastAPI:
     from hub.api.provisioning_routes import router as provisioning_router
     from hub.api.routes import metrics_router, router
     from hub.api.statement_routes import router as statements_router
+    from hub.api.twin_routes import router as twin_router
     from hub.api.whatif_routes import router as whatif_router
 
     app = FastAPI(
@@ -108,6 +109,7 @@ def create_app(ctx: ApiContext) -> FastAPI:
     # Checked on each router before inclusion: FastAPI (0.16x) includes routers lazily, so the
     # app's own route list does not hold the APIRoute objects.
     for r in (auth_router, router, models_router, alerts_router, billing_router, statements_router, config_router,
+              twin_router,
               whatif_router,
               commands_router, provisioning_router, metrics_router):
         check_routes(r.routes)

@@ -1,0 +1,1 @@
+"""The twin picture: per-component health of a device and its drawing (docs/twin.md)."""
