@@ -299,3 +299,46 @@ async def gateway_models(db: Database, gateway: GatewayRef) -> GatewayModels:
     if isinstance(reported, str):
         reported = json.loads(reported)
     return GatewayModels(gateway, row["state"], row["state_ts_ms"], reported or {})
+
+
+@dataclass(frozen=True, slots=True)
+class DailyStat:
+    """Good numeric readings of one metric of one device over one UTC day."""
+
+    device_pk: int
+    metric: str
+    day_ms: int
+    """Start of the UTC day (epoch ms)."""
+    mean: float
+    low: float
+    high: float
+    count: int
+
+
+DAY_MS = 86_400_000
+
+# One row per (device, metric, UTC day): the grouping runs in the database over the
+# (device_id, metric, ts_ms) index, so a week of 1 s readings is a few dozen rows, not millions.
+# GROUP BY by position: PostgreSQL would see "ts_ms / $1" and "ts_ms / $2" as different expressions.
+_DAILY_SQL = """
+SELECT device_id, metric, ts_ms / ? AS day, AVG(value) AS mean, MIN(value) AS low, MAX(value) AS high,
+       COUNT(*) AS n
+FROM reading
+WHERE device_id IN ({devices}) AND metric IN ({metrics}) AND quality = 'good' AND value IS NOT NULL
+      AND ts_ms >= ? AND ts_ms < ?
+GROUP BY 1, 2, 3 ORDER BY 1, 2, 3
+"""
+
+
+async def daily_stats(db: Database, device_pks: Collection[int], metrics: Collection[str], since_ms: int,
+                      until_ms: int) -> list[DailyStat]:
+    """Daily mean / min / max of good numeric readings of ``metrics`` of the devices in ``[since, until)``,
+    by device, metric and day."""
+    if not device_pks or not metrics:
+        return []
+    sql = _DAILY_SQL.format(devices=", ".join("?" * len(device_pks)), metrics=", ".join("?" * len(metrics)))
+    params: list[Any] = [DAY_MS, *device_pks, *metrics, since_ms, until_ms]
+    with db.activate():
+        rows = await db.conn.execute_query_dict(db.sql(sql), params)
+    return [DailyStat(int(r["device_id"]), r["metric"], int(r["day"]) * DAY_MS, float(r["mean"]), float(r["low"]),
+                      float(r["high"]), int(r["n"])) for r in rows]

@@ -79,6 +79,8 @@ POLICY: dict[tuple[str, str], str] = {
     ("POST", "/api/v1/gateways/{gateway_id}/claim-code"): "AST",
     ("POST", "/api/v1/provision"): "-",
     ("POST", "/api/v1/gateways/{gateway_id}/revoke"): "AS",
+    ("GET", "/api/v1/sites/{site}/report.pdf"): "ASTV",
+    ("GET", "/api/v1/sites/{site}/report.png"): "ASTV",
     ("GET", "/api/v1/fleet/summary"): "ASTV",
     ("GET", "/api/v1/stream/fleet"): "ASTV",
     ("POST", "/api/v1/whatif"): "AST",
@@ -88,7 +90,7 @@ POLICY: dict[tuple[str, str], str] = {
 # about who gets in, so 404 / 422 count as "let in".
 PATH_VALUES = {"device_id": "plant1.gw1.boiler1", "gateway_id": "plant1.gw1", "name": "sim-boiler-anomaly",
                "version": "1", "alert_id": "1", "meter_id": "plant1.gw1.meter1", "number": "ST-2026-000001",
-               "command_id": "c-1", "username": "nobody"}
+               "command_id": "c-1", "username": "nobody", "site": "plant1"}
 
 
 @pytest.fixture

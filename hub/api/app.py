@@ -92,6 +92,7 @@ def create_app(ctx: ApiContext) -> FastAPI:
     from hub.api.config_routes import router as config_router
     from hub.api.model_routes import router as models_router
     from hub.api.provisioning_routes import router as provisioning_router
+    from hub.api.report_routes import router as report_router
     from hub.api.routes import metrics_router, router
     from hub.api.statement_routes import router as statements_router
     from hub.api.twin_routes import router as twin_router
@@ -111,7 +112,7 @@ def create_app(ctx: ApiContext) -> FastAPI:
     for r in (auth_router, router, models_router, alerts_router, billing_router, statements_router, config_router,
               twin_router,
               whatif_router,
-              commands_router, provisioning_router, metrics_router):
+              commands_router, provisioning_router, report_router, metrics_router):
         check_routes(r.routes)
         app.include_router(r)
     from hub.web.routes import install as install_dashboard
