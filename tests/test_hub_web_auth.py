@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import re
 from collections.abc import AsyncIterator
 from pathlib import Path
 
@@ -222,3 +223,27 @@ async def test_live_events_coalesce_drop_slow_clients_and_end_on_close() -> None
     assert slow.dropped and slow.queue.get_nowait() is None
     await events.close()
     assert fast.queue.get_nowait() is None and events.subscribe() is None
+
+
+def _luminance(hex_colour: str) -> float:
+    channels = [int(hex_colour[i:i + 2], 16) / 255 for i in (1, 3, 5)]
+    linear = [c / 12.92 if c <= 0.03928 else ((c + 0.055) / 1.055) ** 2.4 for c in channels]
+    return 0.2126 * linear[0] + 0.7152 * linear[1] + 0.0722 * linear[2]
+
+
+def _contrast(a: str, b: str) -> float:
+    hi, lo = sorted((_luminance(a), _luminance(b)), reverse=True)
+    return (hi + 0.05) / (lo + 0.05)
+
+
+def test_text_colours_have_at_least_4_5_to_1_contrast() -> None:
+    """WCAG AA for normal text: every text colour of the stylesheet on the backgrounds it is used on."""
+    css = (Path(__file__).resolve().parents[1] / "hub/web/static/app.css").read_text()
+    var = dict(re.findall(r"--([a-z-]+):\s*(#[0-9a-fA-F]{6})", css))
+    header = re.search(r"\.top \{[^}]*background: (#[0-9a-fA-F]{6})", css)
+    assert header is not None
+    pairs = [(var[text], var[bg]) for text in ("fg", "muted", "accent", "online", "stale", "offline", "critical",
+                                               "warning", "info") for bg in ("bg", "panel")]
+    pairs += [("#ffffff", header.group(1)), ("#d7dde6", header.group(1)), ("#ffffff", var["accent"])]
+    low = {pair: round(_contrast(*pair), 2) for pair in pairs if _contrast(*pair) < 4.5}
+    assert low == {}

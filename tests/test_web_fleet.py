@@ -4,18 +4,22 @@ Chromium through Playwright (tests/browser.py). Screenshots: var/test-artifacts/
 
 from __future__ import annotations
 
+import asyncio
+import json
 from pathlib import Path
 from typing import Any
 
 import aiomqtt
+import httpx
 import pytest
 
 from fleet.broker import Mosquitto
 from hub.ingest import now_ms
-from hub.service import running_hub
+from hub.service import Hub, running_hub
+from hub.web import api as web_api
 from protocol.topics import telemetry_topic
 from tests.browser import DESKTOP, TABLET, screenshot
-from tests.hubtools import add_user, hub_config, series, telemetry_payload, wait_until
+from tests.hubtools import ADMIN_PASSWORD, add_user, hub_config, series, telemetry_payload, wait_until
 
 pytestmark = pytest.mark.integration
 VIEWER_PASSWORD = "viewer-password-123"
@@ -54,11 +58,21 @@ async def test_fleet_page_signs_in_by_keyboard_and_updates_live(mosquitto: Mosqu
         await page.goto(f"{hub.api_url}/fleet")
         assert page.url.endswith("/login?next=/fleet")  # not signed in: to the form, not a JSON 401
         await screenshot(page, "login")
+        # A wrong password: the form again, with the reason announced (role=alert) and no cookie.
+        await page.get_by_label("Username").fill("viewer")
+        await page.get_by_label("Password").fill("not-the-password")
+        await page.get_by_role("button", name="Sign in").click()
+        assert await page.get_by_role("alert").inner_text() == "Wrong username or password."
+        assert await context.cookies() == []
+        await screenshot(page, "login-refused")
         # Keyboard only: the username field has the focus, Tab to the password, Enter submits.
         assert await page.evaluate("document.activeElement.id") == "username"
+        await page.keyboard.press("Control+A")
         await page.keyboard.type("viewer")
         await page.keyboard.press("Tab")
         assert await page.evaluate("document.activeElement.id") == "password"
+        # The keyboard focus is visible (an outline, not only a colour change).
+        assert await page.evaluate("getComputedStyle(document.activeElement).outlineStyle") == "solid"
         await page.keyboard.type(VIEWER_PASSWORD)
         await page.keyboard.press("Enter")
         await page.wait_for_url(f"{hub.api_url}/fleet")
@@ -116,3 +130,66 @@ async def test_fleet_page_signs_in_by_keyboard_and_updates_live(mosquitto: Mosqu
         await page.goto(f"{hub.api_url}/fleet")
         assert page.url.endswith("/login?next=/fleet")
         await context.close()
+
+
+async def _next_event(lines: Any) -> dict[str, Any]:
+    """The data of the next ``fleet`` event of an SSE line iterator."""
+    event = ""
+    async for line in lines:
+        if line.startswith("event: "):
+            event = line[7:]
+        elif line.startswith("data: ") and event == "fleet":
+            data: dict[str, Any] = json.loads(line[6:])
+            return data
+    raise AssertionError("the stream ended")
+
+
+async def test_stream_sends_changes_heartbeats_and_ends_when_the_hub_stops(
+        mosquitto: Mosquitto, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(web_api, "HEARTBEAT_S", 0.3)
+    config = hub_config(db_url=f"sqlite://{tmp_path}/hub.db", mqtt_port=mosquitto.port)
+    hub = Hub(config)
+    await hub.start()
+    stopped = False
+    try:
+        async with httpx.AsyncClient(base_url=hub.api_url, timeout=20) as http:
+            # Signed in by hand: BearerAuth reads whole response bodies, and a stream has no end.
+            token = (await http.post("/api/v1/auth/token", data={"username": "admin",
+                                                                 "password": ADMIN_PASSWORD})).json()["access_token"]
+            headers = {"Authorization": f"Bearer {token}"}
+            await _follow_stream(hub, http, headers, mosquitto)
+            stopped = True
+    finally:
+        if not stopped:
+            await hub.stop()
+
+
+async def _follow_stream(hub: Hub, http: httpx.AsyncClient, headers: dict[str, str], mosquitto: Mosquitto) -> None:
+    """Read the stream: first summary, a change, a heartbeat; stop the hub and see the stream end."""
+    async with http.stream("GET", "/api/v1/stream/fleet", headers=headers) as stream:
+        assert stream.headers["content-type"].startswith("text/event-stream")
+        lines = stream.aiter_lines()
+        first = await asyncio.wait_for(_next_event(lines), 10)
+        assert first == {"sites": [], "totals": {"alerts": {"critical": 0, "info": 0, "warning": 0}, "backlog": 0,
+                         "devices": {"offline": 0, "online": 0, "stale": 0},
+                         "gateways": {"offline": 0, "online": 0, "stale": 0}}}
+        # Ten batches in quick succession: summaries, not one event per batch.
+        for i in range(10):
+            await publish(mosquitto, "plant1", "gw1", series("boiler1", "flow_temp", 1, seq0=i, ts0=now_ms()),
+                          {"boiler1": "boiler"})
+        seen = await asyncio.wait_for(_next_event(lines), 10)
+        assert seen["totals"]["devices"]["online"] == 1
+        assert seen["sites"][0]["gateway_list"][0]["device_list"][0]["id"] == "plant1.gw1.boiler1"
+        # Nothing changes: comment lines keep the connection alive.
+        async for line in lines:
+            if line.startswith(": keep-alive"):
+                break
+        stopping = asyncio.create_task(hub.stop())
+        # The stream ends: the hub closes it when it stops (well within uvicorn's 3 s grace).
+        rest = await asyncio.wait_for(_rest(lines), 10)
+        await stopping
+        assert not any(line.startswith("data: ") and '"online":1' not in line for line in rest)
+
+
+async def _rest(lines: Any) -> list[str]:
+    return [line async for line in lines]
