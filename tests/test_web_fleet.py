@@ -100,6 +100,16 @@ async def test_fleet_page_signs_in_by_keyboard_and_updates_live(mosquitto: Mosqu
         assert await page.evaluate("window.__notReloaded === true")
         await screenshot(page, "fleet-live-update")
 
+        # From the page's scripts: a change without the CSRF header is refused; /static/api.js adds it,
+        # and then the role decides (a viewer may not acknowledge alerts).
+        raw = await page.evaluate("""fetch('/api/v1/alerts/1/ack', {method: 'POST',
+            headers: {'content-type': 'application/json'}, body: '{"by": "x"}'})
+            .then(async r => [r.status, await r.text()])""")
+        assert raw[0] == 403 and "X-Twin-CSRF" in raw[1]
+        via_api = await page.evaluate("""import('/static/api.js').then(m => m.api('/api/v1/alerts/1/ack',
+            {method: 'POST', body: {by: 'x'}})).then(async r => [r.status, await r.text()])""")
+        assert via_api[0] == 403 and "may not" in via_api[1]
+
         # Search and status filter (client-side).
         await page.get_by_label("Search").fill("meter")
         assert await page.locator("tr[data-device]").all_inner_texts() == [
