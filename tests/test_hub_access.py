@@ -54,6 +54,7 @@ POLICY: dict[tuple[str, str], str] = {
     ("GET", "/api/v1/model-assignments"): "ASTV",
     ("GET", "/api/v1/gateways/{gateway_id}/models"): "ASTV",
     ("GET", "/api/v1/alerts"): "ASTV",
+    ("GET", "/api/v1/alerts/contacts"): "ASTV",
     ("GET", "/api/v1/alerts/{alert_id}"): "ASTV",
     ("POST", "/api/v1/alerts/{alert_id}/ack"): "AST",
     ("POST", "/api/v1/alerts/{alert_id}/clear"): "AST",

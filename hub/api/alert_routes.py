@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from typing import Annotated, Any
+from urllib.parse import urlsplit
 
 from fastapi import APIRouter, Body, Depends, HTTPException, Path, Query, Request
 from pydantic import BaseModel, ConfigDict, Field
@@ -123,6 +124,29 @@ async def list_alerts(
             q = q.filter(device=device)
         rows = await q.order_by("-opened_ms", "-id").offset(offset).limit(limit)
     return [_out(a) for a in rows]
+
+
+class ContactOut(BaseModel):
+    """A notification contact of ``[[alerts.contacts]]`` (the webhook's host only)."""
+
+    name: str
+    role: str = Field(description="maintenance | engineering | operations")
+    sites: list[str] = Field(description="Sites it looks after; empty: every site (and alerts without a site)")
+    min_severity: Severity = Field(description="The least severity it hears of")
+    email: list[str]
+    webhook_host: str | None = Field(description="Host of its webhook; the URL itself often holds a secret token "
+                                                 "and is not shown")
+
+
+# Declared before /alerts/{alert_id}, which would otherwise take "contacts" for an id (422).
+@router.get("/alerts/contacts", dependencies=[allow(*READERS)], response_model=list[ContactOut])
+async def list_contacts(ctx: Ctx) -> list[dict[str, Any]]:
+    """Who is notified of which alerts (``[[alerts.contacts]]`` of the hub's configuration), so
+    whoever looks at an alert knows who has heard of it. Every role may read it: these are the
+    people to call. Webhook URLs are reduced to their host (their path is often a secret)."""
+    return [{"name": c.name, "role": c.role, "sites": list(c.sites), "min_severity": c.min_severity,
+             "email": list(c.email), "webhook_host": urlsplit(c.webhook).hostname if c.webhook else None}
+            for c in ctx.alerts.contacts]
 
 
 async def _alert_or_404(ctx: ApiContext, alert_id: int) -> Alert:
