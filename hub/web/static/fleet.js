@@ -82,6 +82,7 @@ function render() {
   for (const site of summary.sites) {
     const siteEl = el("section", { class: "site", "aria-labelledby": `site-${site.name}`, "data-site": site.name },
       el("h2", { id: `site-${site.name}`, text: `Site ${site.name}` }),
+      el("p", { class: "report-links" }, el("a", { href: `/api/v1/sites/${encodeURIComponent(site.name)}/report.pdf`, "data-report": "pdf", text: `Board report (PDF) for ${site.name}` }), " ", el("a", { href: `/api/v1/sites/${encodeURIComponent(site.name)}/report.png`, "data-report": "png", text: "Board report (PNG)" })),
       el("p", { class: "summary", text: `Devices: ${countsText(site.devices)}. Open alerts: ${alertsText(site.alerts)}. ` +
         `Backlog: ${site.backlog}.` }));
     let siteShown = 0;
