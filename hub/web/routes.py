@@ -1,4 +1,4 @@
-"""Pages of the dashboard: login, logout, fleet (and the device page's placeholder).
+"""Pages of the dashboard: login, logout, fleet (the device and alerts pages: ``device_pages``).
 
 Pages are guarded like API routes (:func:`hub.api.access.allow`); the browser's access token
 travels in the HttpOnly cookie :data:`~hub.api.access.SESSION_COOKIE`. A page asked for without a
@@ -20,11 +20,9 @@ from fastapi.staticfiles import StaticFiles
 from jinja2 import Environment, FileSystemLoader
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from hub import queries
 from hub.api.access import READERS, SESSION_COOKIE, Principal, allow, check_routes, public
 from hub.api.app import ApiContext
 from hub.api.auth_routes import sign_in
-from hub.api.schemas import iso_ms
 from hub.users import MAX_PASSWORD_LENGTH
 from hub.web import api
 from hub.web.summary import fleet_summary
@@ -128,20 +126,6 @@ async def fleet(request: Request, user: Annotated[Principal, allow(*READERS)]) -
     return render("fleet.html", user=user, summary=summary, page="fleet")
 
 
-@router.get("/devices/{device_id}")
-async def device(request: Request, device_id: str, user: Annotated[Principal, allow(*READERS)]) -> HTMLResponse:
-    """A device's latest values (a placeholder until the full device page exists)."""
-    ctx = _ctx(request)
-    dev = await queries.find_device(ctx.db, device_id)
-    if dev is None:
-        return render("error.html", 404, user=user, title="Unknown device",
-                      message=f"There is no device {device_id!r}.")
-    rows = await queries.latest(ctx.db, dev.pk)
-    values = [{"metric": r.metric, "value": r.typed_value, "unit": r.unit, "quality": r.quality,
-               "ts": iso_ms(r.ts_ms)} for r in rows]
-    return render("device.html", user=user, device=dev, values=values, page="fleet")
-
-
 async def _page_errors(request: Request, exc: Exception) -> Response:
     """401 on a page: to the login form (303); 403: a readable page. The API keeps JSON answers."""
     assert isinstance(exc, StarletteHTTPException)
@@ -160,7 +144,9 @@ async def _page_errors(request: Request, exc: Exception) -> Response:
 
 def install(app: FastAPI) -> None:
     """Add the dashboard to the hub's app: pages, ``/static``, the fleet summary and stream APIs."""
-    for r in (router, api.router):
+    from hub.web.billing_pages import router as billing_router  # imported here: it imports this module
+    from hub.web.device_pages import router as device_router  # imported here: it imports this module
+    for r in (router, api.router, billing_router, device_router):
         check_routes(r.routes)
         app.include_router(r)
     app.mount("/static", StaticFiles(directory=HERE / "static"), name="static")
