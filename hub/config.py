@@ -112,6 +112,11 @@ class AuthConfig(_Section):
     token_ttl_s: Annotated[int, Field(ge=60, le=86_400)] = 900
     """Lifetime of a bearer token; short, because a token cannot be recalled (a disabled user is
     refused at once all the same: every request checks the user)."""
+    session_max_s: Annotated[int, Field(ge=300, le=2_592_000)] = 43_200
+    """Longest a dashboard (browser) session lasts from the password being typed. A browser's
+    session cookie is renewed while the dashboard is used (any page or API request in the second
+    half of the token's life), so an open fleet page stays signed in; after this many seconds the
+    user types the password again. An unused session still ends after ``token_ttl_s``."""
     token_secret: Annotated[SecretStr, Field(min_length=32)] | None = None
     """HS256 signing key. Unset: the hub generates one and keeps it in its database (shared by all
     hubs on that database). Changing it signs everybody out and invalidates model-download URLs

@@ -64,7 +64,7 @@ class Hub:
         ``TWIN_ADMIN_PASSWORD``; neither: a random one, see :attr:`generated_admin_password`)."""
         self.generated_admin_password: str | None = None
         """Set when start() created ``admin`` with a random password, for the CLI to show once."""
-        self.auth = AuthState(token_ttl_s=config.auth.token_ttl_s,
+        self.auth = AuthState(token_ttl_s=config.auth.token_ttl_s, session_max_s=config.auth.session_max_s,
                               login_failures=RateLimiter(config.auth.login_failures_per_minute, 60.0),
                               login_attempts=RateLimiter(config.auth.login_attempts_per_minute, 60.0))
         self.metrics = HubMetrics()

@@ -30,11 +30,16 @@ class AccessClaims:
     username: str
     role: str
     expires_s: int
+    signed_in_s: int
+    """When the user typed the password; a renewed browser session keeps it (``[auth] session_max_s``)."""
 
 
-def issue_access(secret: str, username: str, role: str, now_s: int, ttl_s: int) -> str:
-    """A bearer token for ``username`` valid ``ttl_s`` seconds from ``now_s``."""
-    claims = {"typ": ACCESS, "sub": username, "role": role, "iat": now_s, "exp": now_s + ttl_s}
+def issue_access(secret: str, username: str, role: str, now_s: int, ttl_s: int,
+                 signed_in_s: int | None = None) -> str:
+    """A bearer token for ``username`` valid ``ttl_s`` seconds from ``now_s``; ``signed_in_s``
+    (default ``now_s``) is when the password was checked, carried over when a session is renewed."""
+    claims = {"typ": ACCESS, "sub": username, "role": role, "iat": now_s, "exp": now_s + ttl_s,
+              "auth": now_s if signed_in_s is None else signed_in_s}
     return jwt.encode(claims, secret, algorithm=ALGORITHM)
 
 
@@ -43,9 +48,11 @@ def check_access(secret: str, token: str, now_s: int) -> AccessClaims:
     claims = _decode(secret, token, now_s, require_exp=True)
     if claims.get("typ") != ACCESS or not isinstance(claims.get("sub"), str):
         raise TokenError("not an access token")
-    sub, exp = claims["sub"], claims["exp"]
+    sub, exp, auth = claims["sub"], claims["exp"], claims.get("auth", claims.get("iat"))
     assert isinstance(sub, str) and isinstance(exp, int)  # checked above and in _decode
-    return AccessClaims(sub, str(claims.get("role", "")), exp)
+    if not isinstance(auth, int):
+        raise TokenError("token says not when its user signed in")
+    return AccessClaims(sub, str(claims.get("role", "")), exp, auth)
 
 
 def issue_model_download(secret: str, site: str, gateway: str, name: str, version: int) -> str:

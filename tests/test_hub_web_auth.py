@@ -80,6 +80,54 @@ async def test_login_sets_a_strict_httponly_cookie_and_logout_clears_it(db: Data
         assert "secure" in {p.strip().lower() for p in r.headers["set-cookie"].split(";")}
 
 
+async def test_a_used_session_is_renewed_until_its_maximum_and_an_unused_one_expires(db: Database) -> None:
+    clock = {"now": 1_800_000_000}
+    app = make_app(db, token_ttl_s=600, session_max_s=1_500, now_s=lambda: clock["now"])
+    async with client(app) as http:
+        cookie = await session(http, "technician")
+        signed_in = clock["now"]
+
+        async def visit(path: str) -> httpx.Response:
+            r = await http.get(path, headers=cookie)
+            fresh = r.cookies.get(SESSION_COOKIE)
+            if fresh:
+                cookie["Cookie"] = f"{SESSION_COOKIE}={fresh}"
+            return r
+
+        # First half of the token's life: nothing renewed.
+        clock["now"] += 200
+        r = await visit("/api/v1/auth/me")
+        assert r.status_code == 200 and "set-cookie" not in r.headers
+        # Second half: any request renews it, a page (HTMLResponse) and the API (JSON) alike.
+        clock["now"] += 150
+        r = await visit("/fleet")
+        assert r.status_code == 200
+        assert "max-age=600" in r.headers["set-cookie"].lower() and "httponly" in r.headers["set-cookie"].lower()
+        clock["now"] += 500  # past the first token's expiry (signed_in + 600), within the renewed one
+        r = await visit("/api/v1/fleet/summary")
+        assert r.status_code == 200, r.text
+        assert "max-age=600" in r.headers["set-cookie"].lower()
+        # Near the session's maximum the renewal is cut to what is left of it ...
+        clock["now"] = signed_in + 1_300
+        r = await visit("/api/v1/auth/me")
+        assert r.status_code == 200 and "max-age=200" in r.headers["set-cookie"].lower()
+        # ... and at the maximum the password is asked again.
+        clock["now"] = signed_in + 1_500
+        assert (await http.get("/api/v1/auth/me", headers=cookie)).status_code == 401
+        page = await http.get("/fleet", headers=cookie)
+        assert (page.status_code, page.headers["location"]) == (303, "/login?next=/fleet")
+        # A bearer token (API clients) is never renewed: the cookie is the browser's session only.
+        token = (await http.post("/api/v1/auth/token", data={"username": "staff",
+                                                            "password": PASSWORDS["staff"]})).json()
+        clock["now"] += 500
+        r = await http.get("/api/v1/auth/me", headers={"Authorization": f"Bearer {token['access_token']}"})
+        assert r.status_code == 200 and "set-cookie" not in r.headers
+        # An unused session expires with its token.
+        cookie = await session(http, "viewer")
+        clock["now"] += 600
+        assert (await http.get("/api/v1/auth/me", headers=cookie)).status_code == 401
+
+
 async def test_login_refusals_share_the_api_rate_limits(db: Database) -> None:
     app = make_app(db, login_failures=RateLimiter(2, 60.0))
     async with client(app) as http:

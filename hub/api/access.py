@@ -43,6 +43,7 @@ __all__ = [
     "FIELD",
     "READERS",
     "SESSION_COOKIE",
+    "SESSION_RENEWAL",
     "STAFF",
     "ActingUser",
     "AuthState",
@@ -125,6 +126,8 @@ class AuthState:
     secret: str = field(default_factory=lambda: secrets.token_urlsafe(48))
     """HS256 key; the hub sets the one from its database or configuration at start."""
     token_ttl_s: int = 900
+    session_max_s: int = 43_200
+    """Longest a browser session is renewed for, from the password being typed."""
     login_failures: RateLimiter = field(default_factory=lambda: RateLimiter(10, 60.0))
     """Failed logins per username."""
     login_attempts: RateLimiter = field(default_factory=lambda: RateLimiter(30, 60.0))
@@ -153,6 +156,7 @@ class _Allow:
 
     async def check(self, request: Request, token: str | None) -> Principal:
         ctx = request.app.state.hub
+        from_cookie = not token
         if not token:
             token = request.cookies.get(SESSION_COOKIE)
             if token and request.method not in SAFE_METHODS and request.headers.get(CSRF_HEADER) != "1":
@@ -173,7 +177,28 @@ class _Allow:
                                      f"(allowed: {', '.join(sorted(r.value for r in self.roles))})")
         principal = Principal(user.username, role)
         request.state.principal = principal
+        if from_cookie:
+            _renew_session(request, ctx.auth, claims, user.username, role)
         return principal
+
+
+SESSION_RENEWAL = "session_renewal"
+"""Key in the request's state of a renewed session: (token, lifetime in s), which the dashboard's
+middleware (``hub.web.session``) sets as the new cookie on the response, whatever the route returns."""
+
+
+def _renew_session(request: Request, auth: AuthState, claims: tokens.AccessClaims, username: str,
+                   role: Role) -> None:
+    """A cookie session in the second half of its token's life gets a fresh token, up to
+    ``session_max_s`` after sign-in: a dashboard in use stays signed in, an unused one expires."""
+    now = auth.now_s()
+    if claims.expires_s - now > auth.token_ttl_s // 2:
+        return
+    ttl = min(auth.token_ttl_s, claims.signed_in_s + auth.session_max_s - now)
+    if now + ttl <= claims.expires_s:
+        return  # at the session's end: the token runs out, then the password is asked again
+    fresh = tokens.issue_access(auth.secret, username, role.value, now, ttl, signed_in_s=claims.signed_in_s)
+    setattr(request.state, SESSION_RENEWAL, (fresh, ttl))
 
 
 def _acting_user(request: Request) -> str:

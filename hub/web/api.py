@@ -54,9 +54,9 @@ async def stream_fleet(ctx: Ctx, request: Request) -> StreamingResponse:
     """Server-sent events: the fleet summary at once, then whenever ingest committed a batch or a
     status changed, at most one per second, and a comment line every 15 s while nothing happens.
 
-    The stream ends when the hub stops, when the client does not keep up, and after the access
-    token's lifetime (``[auth] token_ttl_s``): the browser reconnects, which checks the sign-in
-    again. A hub without ingest (a read-only API) sends the one summary and ends.
+    The stream ends when the hub stops, when the client does not keep up, and after 0.4 of the
+    access token's lifetime (``[auth] token_ttl_s``): the browser reconnects, which checks the
+    sign-in again and renews the session cookie. A hub without ingest (a read-only API) sends the one summary and ends.
     """
     events = ctx.fleet_events
     sub = None
@@ -71,7 +71,9 @@ async def stream_fleet(ctx: Ctx, request: Request) -> StreamingResponse:
             events.unsubscribe(sub)
         raise
     loop = asyncio.get_running_loop()
-    ends = loop.time() + ctx.auth.token_ttl_s
+    # 0.4 of a token's life: the reconnect comes in the token's second half, while it is still
+    # valid, so the access guard renews the session cookie on it (hub/web/session.py).
+    ends = loop.time() + 0.4 * ctx.auth.token_ttl_s
 
     async def stream() -> AsyncIterator[str]:
         try:

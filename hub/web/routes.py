@@ -20,11 +20,12 @@ from fastapi.staticfiles import StaticFiles
 from jinja2 import Environment, FileSystemLoader
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from hub.api.access import READERS, SESSION_COOKIE, Principal, allow, check_routes, public
+from hub.api.access import READERS, Principal, allow, check_routes, public
 from hub.api.app import ApiContext
 from hub.api.auth_routes import sign_in
 from hub.users import MAX_PASSWORD_LENGTH
 from hub.web import api
+from hub.web.session import SessionRenewal, clear_session_cookie, set_session_cookie
 from hub.web.summary import fleet_summary
 
 HERE = Path(__file__).parent
@@ -104,8 +105,7 @@ async def login(
             page.headers["Retry-After"] = exc.headers["Retry-After"]
         return page
     answer = RedirectResponse(_next_page(next), status_code=303)
-    answer.set_cookie(SESSION_COOKIE, token, max_age=ttl, path="/", httponly=True, samesite="strict",
-                      secure=request.url.scheme == "https")
+    set_session_cookie(answer, token, ttl, https=request.url.scheme == "https")
     return answer
 
 
@@ -113,8 +113,7 @@ async def login(
 async def logout(request: Request) -> RedirectResponse:
     """Clear the session cookie and show the login form."""
     answer = RedirectResponse("/login", status_code=303)
-    answer.delete_cookie(SESSION_COOKIE, path="/", httponly=True, samesite="strict",
-                         secure=request.url.scheme == "https")
+    clear_session_cookie(answer, https=request.url.scheme == "https")
     return answer
 
 
@@ -134,7 +133,7 @@ async def _page_errors(request: Request, exc: Exception) -> Response:
         if exc.status_code == 401:
             target = request.url.path + (f"?{request.url.query}" if request.url.query else "")
             answer = RedirectResponse(f"/login?next={quote(target, safe='/')}", status_code=303)
-            answer.delete_cookie(SESSION_COOKIE, path="/")  # expired or invalid: of no further use
+            clear_session_cookie(answer, https=request.url.scheme == "https")  # expired or invalid: of no use
             return answer
         if exc.status_code == 403:
             return render("error.html", 403, user=getattr(request.state, "principal", None), title="Not allowed",
@@ -149,5 +148,6 @@ def install(app: FastAPI) -> None:
     for r in (router, api.router, billing_router, device_router):
         check_routes(r.routes)
         app.include_router(r)
+    app.add_middleware(SessionRenewal)
     app.mount("/static", StaticFiles(directory=HERE / "static"), name="static")
     app.add_exception_handler(StarletteHTTPException, _page_errors)
