@@ -120,12 +120,15 @@ def main(argv: list[str] | None = None) -> int:
         with edge_cfg.open("a") as fh:  # local additions: where the buffer lives, the metrics port
             fh.write(f'\n[buffer]\npath = "{work / "edge-buffer.db"}"\n\n'
                      f'[metrics]\nhost = "127.0.0.1"\nport = {metrics_port}\n')
+        for line in set_up_billing(api, admin_password, "site-1"):
+            print(line, flush=True)
         edge = ReadyProcess.python("twin-edge", "edge.cli", "run", "--config", str(edge_cfg),
                                    log_path=logs / "edge.log")
         children.append(edge.start())
         print(f"edge agent site-1/gw-1 polling {len(devices)} devices every {args.poll_interval:g}s", flush=True)
         edge_metrics = f"http://127.0.0.1:{metrics_port}/metrics" if metrics_port else "off"
-        print(f"\nHub API:   {api}/api/v1/devices\nAPI docs:  {api}/docs\n"
+        print(f"\nDashboard: {api}/  (sign in as 'admin', password above)\n"
+              f"Hub API:   {api}/api/v1/devices\nAPI docs:  {api}/docs\n"
               f"Metrics:   {api}/metrics (hub), {edge_metrics} (edge)\n"
               f"Logs:      {logs}\nPress Ctrl-C to stop.\n", flush=True)
         while not stopping.wait(0.5):
@@ -183,6 +186,32 @@ def provision_gateway(api: str, admin_password: str, site: str, gateway: str, de
     if done.returncode != 0:
         raise RuntimeError(f"twin-edge provision failed: {done.stderr.strip() or done.stdout.strip()}")
     return [f"gateway    {uid} {what} and provisioned with a one-time claim code ({out}, mode 0600)"]
+
+
+DEMO_TARIFF = {
+    "name": "demo-economy7", "currency": "GBP", "timezone": "Europe/London", "vat_rate": "0.05",
+    "standing_charge_per_day": "0.60", "effective_from": "2026-01-01T00:00:00Z",
+    "bands": [{"name": "night", "rate": "0.10", "start": "00:30", "end": "07:30"},
+              {"name": "day", "rate": "0.30", "start": "07:30", "end": "00:30"}],
+}
+
+
+def set_up_billing(api: str, admin_password: str, site: str) -> list[str]:
+    """Give ``site``'s meters a day/night tariff from the start of this month (UTC), so the
+    dashboard's meter pages show cost to date; lines for the user. Idempotent: a second run of the
+    same demo directory finds both in place (409) and changes nothing."""
+    token = sign_in(api, "admin", admin_password)
+    month = time.strftime("%Y-%m-01T00:00:00Z", time.gmtime())
+    steps = (("/api/v1/tariffs", {**DEMO_TARIFF, "effective_from": min(month, str(DEMO_TARIFF["effective_from"]))}),
+             ("/api/v1/tariff-assignments", {"tariff": DEMO_TARIFF["name"], "site": site, "effective_from": month}))
+    for path, body in steps:
+        try:
+            http_json("POST", f"{api}{path}", json.dumps(body).encode(), "application/json", token)
+        except HttpRefused as exc:
+            if exc.status != 409:  # 409: made by an earlier run of this demo directory
+                return [f"billing    not set up ({exc}); the meters run without a tariff"]
+    return [f"billing    {site}'s meters on tariff {DEMO_TARIFF['name']} (day 0.30, night 0.10 GBP/kWh) "
+            f"from {month[:10]}"]
 
 
 def roll_out_shipped_models(api: str, admin_password: str) -> list[str]:

@@ -106,6 +106,16 @@ def test_demo_runs_fleet_and_stops_cleanly_on_sigterm(tmp_path: Path) -> None:
         assert len(group_members(pgid)) >= 5  # demo, broker, simulators, hub, edge
         edge_metrics = httpx.get(f"http://127.0.0.1:{metrics_port}/metrics", timeout=5).text
         assert "twin_edge_published_readings_total" in edge_metrics
+        # The dashboard is on the hub's port, and the meters have a tariff, so it shows cost.
+        assert f"Dashboard: {api}/" in printed
+        login = httpx.get(f"{api}/", timeout=5, follow_redirects=True)
+        assert login.status_code == 200 and '<label for="username">' in login.text
+        assert "billing    site-1's meters on tariff demo-economy7" in printed
+        month = time.strftime("%Y-%m-01T00:00:00Z", time.gmtime())
+        cost = httpx.get(f"{api}/api/v1/meters/site-1.gw-1.meter-1/cost", params={"since": month}, timeout=5,
+                         auth=auth).json()
+        assert {line["tariff"] for line in cost["energy"]} == {"demo-economy7"}, cost
+        assert cost["unpriced_kwh"] == "0.000" and float(cost["total"]) > 0, cost
 
         t0 = time.monotonic()
         os.killpg(pgid, signal.SIGTERM)

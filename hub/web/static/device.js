@@ -296,7 +296,10 @@ function chart(metric, list, t0, t1, events) {
 }
 
 function render() {
-  W = Math.max(320, Math.round(chartsEl.clientWidth || 800));
+  // Two charts side by side on wide screens (device_pages.css): each half the width, less the gap.
+  const full = Math.round(chartsEl.clientWidth || 800);
+  const twoColumns = getComputedStyle(chartsEl).display === "grid";
+  W = Math.max(320, twoColumns ? Math.floor((full - 16) / 2) : full);
   const t1 = Math.max(Date.now(), newest() || 0);
   const t0 = windowStart();
   const events = marks();
