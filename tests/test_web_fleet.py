@@ -18,7 +18,7 @@ from hub.ingest import now_ms
 from hub.service import Hub, running_hub
 from hub.web import api as web_api
 from protocol.topics import telemetry_topic
-from tests.browser import DESKTOP, TABLET, screenshot
+from tests.browser import DESKTOP, TABLET, audit, screenshot
 from tests.hubtools import ADMIN_PASSWORD, add_user, hub_config, series, telemetry_payload, wait_until
 
 pytestmark = pytest.mark.integration
@@ -203,3 +203,22 @@ async def _follow_stream(hub: Hub, http: httpx.AsyncClient, headers: dict[str, s
 
 async def _rest(lines: Any) -> list[str]:
     return [line async for line in lines]
+
+
+async def test_the_accessibility_audit_finds_what_it_checks(browser: Any) -> None:
+    """The audit every screenshot runs (tests/browser.py) can fail: a page breaking each rule."""
+    context = await browser.new_context(viewport=TABLET)
+    page = await context.new_page()
+    await page.set_content(
+        "<html><head><title>t</title></head><body><h1>a</h1><h1>b</h1>"
+        "<input id='x'><label for='y'>ok</label><input id='y'><button id='y'></button>"
+        "<svg role='img' width='10' height='10'></svg><div style='width:2000px'>wide</div></body></html>")
+    problems = await audit(page)
+    await context.close()
+    assert any(p.startswith("no accessible name: input#x") for p in problems), problems
+    assert any(p.startswith("no accessible name: button#y") for p in problems), problems
+    assert any(p.startswith("shorter than 44 px: input#y") for p in problems), problems
+    assert "no lang on <html>" in problems and "2 visible h1 elements" in problems, problems
+    assert "svg image without a label" in problems and "id y used 2 times" in problems, problems
+    assert any(p.startswith("page ") and p.endswith(" px wide in a 768 px window") for p in problems), problems
+    assert not any("input#y" in p and "name" in p for p in problems), problems  # labelled
