@@ -98,6 +98,7 @@ class Hub:
         # the ingest path; hub/live.py).
         self.fleet_events = FleetEvents(lambda: fleet_summary(self.db, config.status, now_ms()))
         self.ingest.on_committed(self.fleet_events.on_batch)
+        self.alerts.on_change(self.fleet_events.changed)  # open alerts are on the page: at once
         self.port: int | None = None
         self._server: _Server | None = None
         self._tasks: list[asyncio.Task[None]] = []

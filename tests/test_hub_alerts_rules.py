@@ -143,6 +143,8 @@ async def alerts(db: Database) -> list[Alert]:
 async def test_threshold_opens_once_counts_retriggers_and_clears_itself(db: Database) -> None:
     clock = Clock()
     engine = AlertEngine(db, alerts_config(PRESSURE), clock=clock)
+    changes: list[int] = []  # the dashboard's fleet stream listens: opened and cleared, not retriggered
+    engine.on_change(lambda: changes.append(clock.now))
     values = [1.5, 0.6, 0.5, 0.79,  # breach at 0.6; still low: no new trigger
               0.82,  # inside the limits but not by clear_margin: keeps the state
               1.0,  # normal again -> cleared automatically
@@ -164,6 +166,7 @@ async def test_threshold_opens_once_counts_retriggers_and_clears_itself(db: Data
     assert rows[2].active_key == "pressure:site1.gw1.boiler1" and rows[0].active_key is None
     assert [(e["action"], e["by"]) for e in await history(db, first.id)] == [("opened", ""), ("cleared", "auto")]
     assert (engine.stats.opened, engine.stats.cleared) == (3, 2)
+    assert changes == [T0 + 1000, T0 + 5000, T0 + 6000, T0 + 8000, T0 + 9000]
 
 
 async def test_repeated_crossings_retrigger_the_open_alert_when_not_auto_cleared(db: Database) -> None:

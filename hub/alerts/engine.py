@@ -175,6 +175,19 @@ class AlertEngine:
         self._wake = asyncio.Event()
         self._tasks: list[asyncio.Task[None]] = []
         self.metrics = AlertMetrics(registry, lambda: self._busy)
+        self._on_change: list[Callable[[], None]] = []
+
+    def on_change(self, callback: Callable[[], None]) -> None:
+        """Call ``callback`` (non-blocking) whenever the engine opens or clears an alert: the
+        dashboard's live fleet summary shows open alerts and should not wait for its re-check."""
+        self._on_change.append(callback)
+
+    def _changed(self) -> None:
+        for callback in self._on_change:
+            try:
+                callback()
+            except Exception as exc:  # a listener must never break alerting
+                log.exception("alert_listener_failed", error=repr(exc))
 
     # -- wiring -------------------------------------------------------------------------------
 
@@ -487,6 +500,7 @@ class AlertEngine:
         self.metrics.alerts.labels(kind).inc()
         if kind == "opened":
             self.stats.opened += 1
+            self._changed()
             log.warning("alert_opened", id=fresh.id, key=key, severity=fresh.severity, message=message)
         else:
             self.stats.retriggered += 1
@@ -511,6 +525,7 @@ class AlertEngine:
             fresh = await Alert.get(id=alert.id)
         self.stats.cleared += 1
         self.metrics.alerts.labels("cleared").inc()
+        self._changed()
         log.info("alert_cleared", id=alert.id, key=key, by="auto")
         if self.config.notify.on_clear:
             await self._notify(fresh, "cleared")

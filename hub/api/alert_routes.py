@@ -196,4 +196,6 @@ async def clear_alert(ctx: Ctx, alert_id: AlertId, body: Annotated[ActionIn, Bod
         raise HTTPException(status_code=404, detail=str(exc)) from None
     except engine.AlertConflict as exc:
         raise HTTPException(status_code=409, detail=str(exc)) from None
+    if ctx.fleet_events is not None:
+        ctx.fleet_events.changed()  # one alert fewer open on the dashboards' fleet pages
     return await _detail(ctx, alert)
