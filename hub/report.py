@@ -479,7 +479,8 @@ def _page_one(data: ReportData) -> Any:
                  "Boiler pressure (daily mean)", "bar", data.site)
     _trend_panel(fig.add_subplot(grid[1, 2]), data.energy, days, "Energy per day", "kWh", data.site, bars=True)
     fig.text(0.03, 0.015, f"Generated {datetime.fromtimestamp(data.now_ms / 1000, UTC):%Y-%m-%d %H:%M} UTC by the "
-             "digital twin hub. Costs as GET /api/v1/meters/{id}/cost, month to date (UTC).", fontsize=8,
+             "digital twin hub. Costs: this month so far (from the 1st, UTC), from the meters' registers "
+             "and their tariffs, VAT included; the monthly statements are authoritative.", fontsize=8,
              color=GREY)
     return fig
 
