@@ -18,6 +18,10 @@ One run (``docs/whatif.md``):
 
 :func:`simulate` is CPU-bound and blocking (about 1-2 s for 48 h); :func:`run` picks the model
 from the registry and runs it in a thread.
+
+A run may be about one boiler of the fleet (:func:`fleet_boiler`): its latest setpoint and outdoor
+temperature are then the scenario's defaults, and the model is the one its gateway is assigned
+(:func:`hub.rollout.effective_assignments`: the gateway's own assignment, else the fleet-wide one).
 """
 
 from __future__ import annotations
@@ -34,7 +38,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 
 from firmware_sim.boiler import FAULT_CODES, BoilerModel
-from hub import rollout
+from hub import queries, rollout
 from hub.alerts.rules import RateRule, Rule, ThresholdRule
 from hub.db import Database
 from hub.errors import RequestRefused
@@ -108,7 +112,36 @@ class LoadedModel:
     card: ModelCard
     data: bytes
     source: str
-    """``assigned`` (the fleet-wide assignment of the profile) or ``chosen`` (named in the request)."""
+    """``assigned`` (the fleet-wide assignment of the profile), ``chosen`` (named in the request) or
+    ``gateway`` (what the chosen boiler's gateway is assigned)."""
+    gateway: str | None = None
+    """With ``source`` ``gateway``: that gateway's id ``site.gateway``."""
+    scope: str | None = None
+    """The assignment it came from: ``fleet`` or ``gateway`` (the gateway's own); ``None`` when chosen."""
+
+    def describe(self) -> dict[str, Any]:
+        """Where the model came from, for the answer."""
+        return {"source": self.source, "gateway": self.gateway, "scope": self.scope}
+
+
+DEVICE_DEFAULTS: dict[str, str] = {"flow_setpoint_c": "flow_setpoint", "outdoor_temp_c": "outdoor_temp"}
+"""Scenario field -> the boiler's metric whose latest reading is the field's default."""
+
+
+@dataclass(frozen=True)
+class FleetBoiler:
+    """A boiler of the fleet as a what-if starting point."""
+
+    device: queries.DeviceRow
+    defaults: dict[str, float]
+    """Scenario fields from the device's latest readings (:data:`DEVICE_DEFAULTS`)."""
+    missing: dict[str, str]
+    """Scenario fields of :data:`DEVICE_DEFAULTS` it gives no default for, with the reason."""
+
+    @property
+    def gateway(self) -> str:
+        """Its gateway's id ``site.gateway``."""
+        return f"{self.device.site}.{self.device.gateway}"
 
 
 class _WhatIfBoiler(BoilerModel):
@@ -230,9 +263,10 @@ def _rounded(values: Any, digits: int = 4) -> list[float | None]:
     return [None if not math.isfinite(v) else round(v, digits) for v in np.asarray(values, dtype=np.float64).tolist()]
 
 
-def _rule_applies(rule: Rule) -> bool:
-    # A hypothetical boiler has no site, gateway or device name: rules narrowed to one do not apply.
-    return isinstance(rule, ThresholdRule | RateRule) and rule.matches("", "", "", KIND, PROFILE)
+def _rule_applies(rule: Rule, where: tuple[str, str, str]) -> bool:
+    # The generic boiler has no site, gateway or device name (where = ("", "", "")): rules narrowed
+    # to one do not apply. A boiler of the fleet gets the rules narrowed to its site, gateway, name.
+    return isinstance(rule, ThresholdRule | RateRule) and rule.matches(*where, KIND, PROFILE)
 
 
 def _rule_states(rule: ThresholdRule | RateRule, values: FloatArray, t0: int) -> tuple[BoolArray, FloatArray]:
@@ -265,8 +299,9 @@ def _rule_states(rule: ThresholdRule | RateRule, values: FloatArray, t0: int) ->
 
 
 def simulate(scn: Scenario, rules: Sequence[Rule] = (), model: LoadedModel | None = None,
-             model_problem: str | None = None) -> dict[str, Any]:
-    """Run one scenario (blocking, CPU-bound) and return the result document (``docs/whatif.md``)."""
+             model_problem: str | None = None, where: tuple[str, str, str] = ("", "", "")) -> dict[str, Any]:
+    """Run one scenario (blocking, CPU-bound) and return the result document (``docs/whatif.md``);
+    ``where`` (site, gateway, device name) selects the rules narrowed to a boiler of the fleet."""
     if not (0 < scn.horizon_h <= MAX_HORIZON_H):
         raise ValueError(f"horizon_h must be in (0, {MAX_HORIZON_H:g}]")
     prof = profile()
@@ -331,7 +366,7 @@ def simulate(scn: Scenario, rules: Sequence[Rule] = (), model: LoadedModel | Non
 
     evaluated: list[dict[str, Any]] = []
     for rule in rules:
-        if not _rule_applies(rule):
+        if not _rule_applies(rule, where):
             continue
         assert isinstance(rule, ThresholdRule | RateRule)
         if rule.metric not in values:
@@ -363,7 +398,7 @@ def simulate(scn: Scenario, rules: Sequence[Rule] = (), model: LoadedModel | Non
                                f"{PROFILE!r}", "model": None}
     if model is not None and card is not None:
         anomaly.update(model={"name": model.name, "version": model.version, "sha256": model.sha256,
-                              "source": model.source, "inputs": list(card.input_metrics), "window": card.window,
+                              **model.describe(), "inputs": list(card.input_metrics), "window": card.window,
                               "sample_period_s": card.sample_period_s},
                        threshold=card.threshold, clear_threshold=card.clear_at)
         if not use_model:
@@ -449,22 +484,70 @@ def _score(model: LoadedModel, card: ModelCard, values: dict[str, FloatArray], n
             "episodes": len(starts)}
 
 
-async def load_model(db: Database, name: str | None = None, version: int | None = None) -> LoadedModel | None:
-    """The model named (``name``, ``version``) or else the one assigned fleet-wide to the profile;
+async def load_model(db: Database, name: str | None = None, version: int | None = None,
+                     boiler: FleetBoiler | None = None) -> LoadedModel | None:
+    """The model named (``name``, ``version``), else the one ``boiler``'s gateway is assigned (its
+    own assignment, else the fleet-wide one), else the one assigned fleet-wide to the profile;
     ``None`` when nothing is assigned. :class:`WhatIfRefused` 404 for an unknown named version."""
-    source = "chosen"
+    source, gateway, scope = "chosen", None, None
     if name is None or version is None:
-        assigned = [a for a in await rollout.list_assignments(db, profile=PROFILE) if a.gateway is None]
+        if boiler is not None:
+            rows = await rollout.effective_assignments(db, boiler.device.site, boiler.device.gateway)
+            source, gateway = "gateway", boiler.gateway
+        else:
+            rows = await rollout.list_assignments(db, profile=PROFILE)
+            rows = [a for a in rows if a.gateway is None]
+            source = "assigned"
+        assigned = [a for a in rows if a.profile == PROFILE]
         if not assigned:
             return None
-        name, version, source = assigned[0].name, assigned[0].version, "assigned"
+        name, version = assigned[0].name, assigned[0].version
+        scope = "fleet" if assigned[0].gateway is None else "gateway"
     row = await rollout.get_version(db, name, version)
     stored = await rollout.version_file(db, name, version)
     if row is None or stored is None:
         raise WhatIfRefused(404, f"unknown model {name!r} v{version}")
     data, sha = stored
     return LoadedModel(name=name, version=version, sha256=sha, card=ModelCard.model_validate(row.card), data=data,
-                       source=source)
+                       source=source, gateway=gateway, scope=scope)
+
+
+def _boiler(device: queries.DeviceRow, latest: Sequence[queries.ReadingRow]) -> FleetBoiler:
+    units = profile().units
+    by_metric = {r.metric: r for r in latest}
+    defaults: dict[str, float] = {}
+    missing: dict[str, str] = {}
+    for field, metric in DEVICE_DEFAULTS.items():
+        reading = by_metric.get(metric)
+        value = reading.typed_value if reading is not None else None
+        if reading is None:
+            missing[field] = f"no {metric} reading"
+        elif isinstance(value, bool) or not isinstance(value, int | float) or not math.isfinite(value):
+            missing[field] = f"latest {metric} reading has no number (quality {reading.quality!r})"
+        elif reading.unit != units[metric]:
+            missing[field] = f"latest {metric} reading is in {reading.unit!r}, not {units[metric]!r}"
+        else:
+            defaults[field] = float(value)
+    return FleetBoiler(device, defaults, missing)
+
+
+async def fleet_boiler(db: Database, uid: str) -> FleetBoiler:
+    """The boiler ``site.gateway.device`` with its latest setpoint and outdoor temperature;
+    :class:`WhatIfRefused` 404 for an unknown device, 422 for one that is not a :data:`PROFILE` boiler."""
+    device = await queries.find_device(db, uid)
+    if device is None:
+        raise WhatIfRefused(404, f"unknown device {uid!r}")
+    if device.profile != PROFILE:
+        raise WhatIfRefused(422, f"device {uid!r} is a {device.kind or 'device'} of profile "
+                                 f"{device.profile or 'unknown'!r}; the what-if simulates only {PROFILE!r} boilers")
+    return _boiler(device, await queries.latest(db, device.pk))
+
+
+async def fleet_boilers(db: Database) -> list[FleetBoiler]:
+    """Every :data:`PROFILE` boiler of the fleet (ordered by site, gateway, name) with its latest
+    setpoint and outdoor temperature."""
+    devices = [d for d in await queries.list_devices(db) if d.profile == PROFILE]
+    return [_boiler(d, await queries.latest(db, d.pk)) for d in devices]
 
 
 class RunSlots:
@@ -491,11 +574,22 @@ class RunSlots:
 
 
 async def run(db: Database, scn: Scenario, rules: Sequence[Rule], *, model_name: str | None = None,
-              model_version: int | None = None, use_model: bool = True) -> dict[str, Any]:
-    """Pick the model from the registry and simulate in a worker thread."""
-    model = await load_model(db, model_name, model_version) if use_model else None
-    result = await asyncio.to_thread(simulate, scn, list(rules), model)
+              model_version: int | None = None, use_model: bool = True, boiler: FleetBoiler | None = None,
+              from_device: dict[str, float] | None = None,
+              not_from_device: dict[str, str] | None = None) -> dict[str, Any]:
+    """Pick the model from the registry and simulate in a worker thread. With ``boiler``, the
+    answer names the device, the defaults taken from it (``from_device``) and why the other
+    defaults were not (``not_from_device``)."""
+    model = await load_model(db, model_name, model_version, boiler) if use_model else None
+    where = (boiler.device.site, boiler.device.gateway, boiler.device.name) if boiler is not None else ("", "", "")
+    result = await asyncio.to_thread(simulate, scn, list(rules), model, None, where)
     if not use_model:
         result["anomaly"]["detail"] = "anomaly model not requested"
         result["anomaly"]["status"] = "not_requested"
+    elif model is None and boiler is not None:
+        result["anomaly"]["detail"] = (f"no anomaly model is assigned to profile {PROFILE!r}, neither on gateway "
+                                       f"{boiler.gateway} nor fleet-wide")
+    result["device"] = boiler.device.uid if boiler is not None else None
+    result["from_device"] = dict(from_device or {})
+    result["not_from_device"] = dict(not_from_device or {})
     return result

@@ -11,12 +11,14 @@ import httpx
 import numpy as np
 import pytest
 
+from hub.alerts.rules import AlertsConfig, ThresholdRule
 from hub.api import ApiContext, create_app
 from hub.api.whatif_routes import SLOTS
 from hub.db import Database
+from hub.store import Store, TelemetryItem
 from hub.whatif import batch_windows, hysteresis, quantise
 from hub.whatif import profile as boiler_profile
-from tests.hubtools import ADMIN_PASSWORD, BearerAuth, add_user, admin_auth
+from tests.hubtools import ADMIN_PASSWORD, T0, BearerAuth, add_user, admin_auth, model_card, onnx_model, telemetry
 
 SHIPPED = Path(__file__).resolve().parents[1] / "models" / "shipped" / "sim-boiler-anomaly.onnx"
 THRESHOLD = 5.6733  # models/shipped/sim-boiler-anomaly.card.json
@@ -211,3 +213,149 @@ def test_hysteresis_and_quantise() -> None:
     assert quantise(p.point("pressure"), np.array([1.23456, -0.2])).tolist() == [1.235, 0.0]
     assert quantise(p.point("flow_temp"), np.array([70.04, -5.06])).tolist() == [70.0, -5.1]
     assert quantise(p.point("burner_on"), np.array([0.0, 1.0])).tolist() == [0.0, 1.0]
+
+
+# -- a boiler of the fleet -----------------------------------------------------------------------
+
+KINDS = {"boiler1": "boiler", "boiler2": "boiler", "boiler3": "boiler", "meter1": "meter"}
+GATEWAY_MODEL = onnx_model(model_card(version=2, threshold=1000.0))  # sim-boiler-anomaly v2: a test model
+
+
+async def _seed_fleet(db: Database) -> None:
+    """plant1.gw1.boiler1 (setpoint 62.5, outdoor 3.5 degC; an older setpoint before), boiler3
+    (outdoor -35 degC: colder than the simulator takes), plant1.gw2.boiler2 (setpoint 55, no
+    outdoor sensor) and plant1.gw1.meter1 (profile sim-meter)."""
+    gw1 = [("boiler1", "flow_setpoint", 1, T0, 70.0, "degC", "good"),
+           ("boiler1", "flow_setpoint", 2, T0 + 60_000, 62.5, "degC", "good"),
+           ("boiler1", "outdoor_temp", 3, T0 + 60_000, 3.5, "degC", "good"),
+           ("boiler3", "flow_setpoint", 4, T0, 65.0, "degC", "good"),
+           ("boiler3", "outdoor_temp", 5, T0, -35.0, "degC", "good"),
+           ("meter1", "energy_import", 6, T0, 1000.0, "kWh", "good")]
+    gw2 = [("boiler2", "flow_setpoint", 1, T0, 55.0, "degC", "good")]
+    await Store(db).write([TelemetryItem(telemetry("plant1", "gw1", gw1, kinds=KINDS), T0 + 61_000),
+                           TelemetryItem(telemetry("plant1", "gw2", gw2, kinds=KINDS), T0 + 61_000)])
+
+
+async def _upload(api: httpx.AsyncClient, data: bytes) -> None:
+    r = await api.post("/api/v1/models", content=data, auth=admin_auth(),
+                       headers={"Content-Type": "application/octet-stream"})
+    assert r.status_code == 201, r.text
+
+
+async def test_device_latest_readings_are_the_defaults_and_explicit_fields_win(
+        api: httpx.AsyncClient, db: Database) -> None:
+    await _seed_fleet(db)
+    res = await _run(api, device="plant1.gw1.boiler1", horizon_h=0.5, use_model=False)
+    assert res["device"] == "plant1.gw1.boiler1"
+    assert res["from_device"] == {"flow_setpoint_c": 62.5, "outdoor_temp_c": 3.5}
+    assert res["not_from_device"] == {}
+    assert res["scenario"]["flow_setpoint_c"] == 62.5 and res["scenario"]["outdoor_temp_c"] == 3.5
+    # The physics ran with them: the same trajectory as those values given by hand.
+    by_hand = await _run(api, horizon_h=0.5, use_model=False, flow_setpoint_c=62.5, outdoor_temp_c=3.5)
+    assert res["series"] == by_hand["series"] and res["alarms"] == by_hand["alarms"]
+    assert by_hand["device"] is None and by_hand["from_device"] == {}
+
+    # An explicit field wins; the other still comes from the device.
+    res = await _run(api, device="plant1.gw1.boiler1", horizon_h=0.5, use_model=False, flow_setpoint_c=70)
+    assert res["scenario"]["flow_setpoint_c"] == 70 and res["scenario"]["outdoor_temp_c"] == 3.5
+    assert res["from_device"] == {"outdoor_temp_c": 3.5}
+    res = await _run(api, device="plant1.gw1.boiler1", horizon_h=0.5, use_model=False, flow_setpoint_c=70,
+                     outdoor_temp_c=-2)
+    assert res["from_device"] == {} and res["scenario"]["outdoor_temp_c"] == -2
+
+    # No outdoor sensor: the generic default, and the answer says why.
+    res = await _run(api, device="plant1.gw2.boiler2", horizon_h=0.5, use_model=False)
+    assert res["from_device"] == {"flow_setpoint_c": 55.0}
+    assert res["not_from_device"] == {"outdoor_temp_c": "no outdoor_temp reading"}
+    assert res["scenario"]["flow_setpoint_c"] == 55.0 and res["scenario"]["outdoor_temp_c"] == 5.0
+
+
+async def test_device_reading_outside_what_the_simulator_takes_is_422(api: httpx.AsyncClient, db: Database) -> None:
+    await _seed_fleet(db)
+    r = await api.post("/api/v1/whatif", json={"device": "plant1.gw1.boiler3", "horizon_h": 0.5})
+    assert r.status_code == 422, r.text
+    detail = r.json()["detail"]
+    assert "plant1.gw1.boiler3" in detail and "outdoor_temp_c -35" in detail and "give the field" in detail
+    res = await _run(api, device="plant1.gw1.boiler3", horizon_h=0.5, use_model=False, outdoor_temp_c=-30)
+    assert res["from_device"] == {"flow_setpoint_c": 65.0} and res["scenario"]["outdoor_temp_c"] == -30
+
+
+async def test_device_is_scored_with_its_gateways_model(api: httpx.AsyncClient, db: Database) -> None:
+    await _seed_fleet(db)
+    # Nothing assigned anywhere: no model, and the answer says where it looked.
+    res = await _run(api, device="plant1.gw2.boiler2", horizon_h=0.5)
+    assert res["anomaly"]["status"] == "no_model" and res["anomaly"]["model"] is None
+    assert "gateway plant1.gw2" in res["anomaly"]["detail"] and "fleet-wide" in res["anomaly"]["detail"]
+
+    # v1 (the shipped model) fleet-wide, v2 on gateway plant1.gw2 only.
+    await _assign_shipped(api)
+    await _upload(api, GATEWAY_MODEL)
+    r = await api.put("/api/v1/model-assignments", auth=admin_auth(),
+                      json={"profile": "sim-boiler", "name": "sim-boiler-anomaly", "version": 2,
+                            "gateway": "plant1.gw2"})
+    assert r.status_code == 200, r.text
+
+    def model(res: dict[str, Any]) -> tuple[Any, ...]:
+        m = res["anomaly"]["model"]
+        return m["name"], m["version"], m["source"], m["gateway"], m["scope"]
+
+    res = await _run(api, device="plant1.gw2.boiler2", horizon_h=0.5)
+    assert model(res) == ("sim-boiler-anomaly", 2, "gateway", "plant1.gw2", "gateway")
+    assert res["anomaly"]["status"] == "scored" and res["anomaly"]["threshold"] == 1000.0
+    # A boiler of a gateway without its own assignment: the fleet-wide version that gateway runs.
+    res = await _run(api, device="plant1.gw1.boiler1", horizon_h=0.5)
+    assert model(res) == ("sim-boiler-anomaly", 1, "gateway", "plant1.gw1", "fleet")
+    assert res["anomaly"]["threshold"] == THRESHOLD
+    # No device: the fleet-wide version; an explicit model beats the device's gateway's.
+    res = await _run(api, horizon_h=0.5)
+    assert model(res) == ("sim-boiler-anomaly", 1, "assigned", None, "fleet")
+    res = await _run(api, device="plant1.gw2.boiler2", horizon_h=0.5,
+                     model={"name": "sim-boiler-anomaly", "version": 1})
+    assert model(res) == ("sim-boiler-anomaly", 1, "chosen", None, None)
+    assert res["from_device"] == {"flow_setpoint_c": 55.0}  # the device's defaults still apply
+
+
+@pytest.mark.parametrize("uid", ["plant1.gw1.nope", "plant9.gw1.boiler1", "boiler1", "a.b.c.d"])
+async def test_unknown_device_is_404(api: httpx.AsyncClient, db: Database, uid: str) -> None:
+    await _seed_fleet(db)
+    r = await api.post("/api/v1/whatif", json={"device": uid, "horizon_h": 0.5})
+    assert r.status_code == 404, r.text
+    assert r.json()["detail"] == f"unknown device {uid!r}"
+
+
+async def test_device_not_a_simulated_boiler_is_422(api: httpx.AsyncClient, db: Database) -> None:
+    await _seed_fleet(db)
+    r = await api.post("/api/v1/whatif", json={"device": "plant1.gw1.meter1", "horizon_h": 0.5})
+    assert r.status_code == 422, r.text
+    assert r.json()["detail"] == ("device 'plant1.gw1.meter1' is a meter of profile 'sim-meter'; "
+                                  "the what-if simulates only 'sim-boiler' boilers")
+
+
+async def test_viewer_may_not_run_a_fleet_boiler(api: httpx.AsyncClient, db: Database) -> None:
+    await _seed_fleet(db)
+    r = await api.post("/api/v1/whatif", json={"device": "plant1.gw1.boiler1", "horizon_h": 0.5},
+                       auth=BearerAuth("view", "view-password-123"))
+    assert r.status_code == 403
+    # Refused before the device is looked up: an unknown one is 403 as well, not 404.
+    r = await api.post("/api/v1/whatif", json={"device": "plant1.gw1.nope", "horizon_h": 0.5},
+                       auth=BearerAuth("view", "view-password-123"))
+    assert r.status_code == 403
+
+
+async def test_rules_narrowed_to_the_devices_gateway_apply_to_it(db: Database) -> None:
+    await _seed_fleet(db)
+    # A hotter-than-usual flow alarm only on gateway plant1.gw2 (the boilers there run 55 degC).
+    rule = ThresholdRule(type="threshold", name="gw2-flow-high", site="plant1", gateway="gw2", metric="flow_temp",
+                         above=50.0)
+    app = create_app(ApiContext(db=db, alerts=AlertsConfig(rules=[rule])))
+    async with httpx.AsyncClient(auth=BearerAuth("tech", "tech-password-123"), transport=httpx.ASGITransport(app=app),
+                                 base_url="http://hub", timeout=30) as api:
+        on_gw2 = await _run(api, device="plant1.gw2.boiler2", horizon_h=0.5, use_model=False, flow_setpoint_c=70)
+        fired = [a for a in on_gw2["alarms"] if a["name"] == "gw2-flow-high"]
+        assert len(fired) == 1 and fired[0]["source"] == "rule" and fired[0]["value"] > 50
+        assert {r["name"] for r in on_gw2["rules"]} >= {"gw2-flow-high", "boiler-pressure"}
+        # Same physics on gw1, or on the generic boiler: the rule does not apply there.
+        for body in ({"device": "plant1.gw1.boiler1"}, {}):
+            res = await _run(api, **body, horizon_h=0.5, use_model=False, flow_setpoint_c=70, outdoor_temp_c=5)
+            assert "gw2-flow-high" not in {r["name"] for r in res["rules"]}
+            assert res["series"] == on_gw2["series"]

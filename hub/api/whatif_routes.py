@@ -6,7 +6,7 @@ import math
 from typing import Annotated, Any, Literal
 
 from fastapi import APIRouter, HTTPException
-from pydantic import BaseModel, ConfigDict, Field, model_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
 from hub import whatif
 from hub.api.access import FIELD, Principal, allow
@@ -37,8 +37,13 @@ class WhatIfIn(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
     profile: Literal["sim-boiler"] = Field("sim-boiler", description="Boiler model (the simulator's profile)")
+    device: Annotated[str, Field(max_length=200)] | None = Field(
+        None, description="A boiler of the fleet (`site.gateway.device`, profile sim-boiler): its latest "
+                          "flow_setpoint and outdoor_temp are the defaults of flow_setpoint_c and outdoor_temp_c, "
+                          "and the model is the one its gateway is assigned")
     model: ModelChoice | None = Field(None, description="Anomaly model version to use; default: the version "
-                                                        "assigned fleet-wide to the profile")
+                                                        "assigned to the device's gateway (with `device`), else "
+                                                        "the version assigned fleet-wide to the profile")
     use_model: bool = Field(True, description="false: physics and rules only")
     horizon_h: Annotated[float, Field(gt=0, le=MAX_HORIZON_H)] = 24.0
     seed: Annotated[int, Field(ge=0, le=2**31 - 1)] = 1
@@ -75,20 +80,49 @@ class WhatIfIn(BaseModel):
                         fault_onset_h=self.fault_onset_h)
 
 
+def with_device_defaults(body: WhatIfIn, boiler: whatif.FleetBoiler) -> tuple[WhatIfIn, dict[str, float],
+                                                                             dict[str, str]]:
+    """``body`` with the boiler's latest readings for the fields the request left out (explicit
+    fields win), the values taken and why the other defaults were not; :class:`WhatIfRefused` 422
+    when a taken value is outside what the simulator accepts."""
+    absent = [f for f in whatif.DEVICE_DEFAULTS if f not in body.model_fields_set]
+    taken = {f: boiler.defaults[f] for f in absent if f in boiler.defaults}
+    missing = {f: boiler.missing[f] for f in absent if f in boiler.missing}
+    if not taken:
+        return body, taken, missing
+    try:
+        merged = WhatIfIn.model_validate({**body.model_dump(exclude_unset=True), **taken})
+    except ValidationError as exc:
+        shown = ", ".join(f"{f} {v:g}" for f, v in taken.items())
+        reasons = "; ".join(".".join(map(str, e["loc"])) + ": " * bool(e["loc"])
+                            + str(e["msg"]).removeprefix("Value error, ") for e in exc.errors())
+        raise WhatIfRefused(422, f"the latest readings of {boiler.device.uid} give {shown}: {reasons}; "
+                                 "give the field in the request instead") from None
+    return merged, taken, missing
+
+
 @router.post("/whatif", responses={
-    404: {"description": "The chosen model version does not exist"},
+    404: {"description": "The chosen model version or device does not exist"},
+    422: {"description": "Invalid inputs, or the device is not a sim-boiler boiler"},
     429: {"description": "Too many what-if runs at once; retry in a few seconds"},
 })
 async def run_whatif(ctx: Ctx, body: WhatIfIn, user: Annotated[Principal, allow(*FIELD)]) -> dict[str, Any]:
     """Simulate a boiler with the given inputs and faults; predicted trajectories, anomaly score and
-    the alarms that would fire (``docs/whatif.md``)."""
+    the alarms that would fire (``docs/whatif.md``). With ``device``, a boiler of the fleet: its
+    latest readings fill the inputs left out, and its gateway's model scores."""
     if not SLOTS.try_acquire():
         raise HTTPException(429, f"{MAX_CONCURRENT_RUNS} what-if runs are already running; retry shortly",
                             headers={"Retry-After": "2"})
     try:
+        boiler = await whatif.fleet_boiler(ctx.db, body.device) if body.device is not None else None
+        from_device: dict[str, float] = {}
+        not_from_device: dict[str, str] = {}
+        if boiler is not None:
+            body, from_device, not_from_device = with_device_defaults(body, boiler)
         return await whatif.run(ctx.db, body.scenario(), ctx.alerts.active_rules(),
                                 model_name=body.model.name if body.model else None,
-                                model_version=body.model.version if body.model else None, use_model=body.use_model)
+                                model_version=body.model.version if body.model else None, use_model=body.use_model,
+                                boiler=boiler, from_device=from_device, not_from_device=not_from_device)
     except WhatIfRefused as exc:
         raise HTTPException(exc.status, exc.message) from None
     finally:
