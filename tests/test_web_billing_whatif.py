@@ -18,7 +18,7 @@ from hub.ingest import now_ms
 from hub.service import running_hub
 from hub.store import TelemetryItem
 from tests.browser import DESKTOP, TABLET, screenshot
-from tests.hubtools import add_user, admin_auth, hub_config, telemetry
+from tests.hubtools import add_user, admin_auth, hub_config, model_card, onnx_model, telemetry
 
 pytestmark = pytest.mark.integration
 METER = "plant1.gw1.meter1"
@@ -75,6 +75,24 @@ async def seed(hub: Any) -> dict[str, Any]:
                            json={"profile": "sim-boiler", "name": "sim-boiler-anomaly", "version": 1})
         assert r.status_code == 200, r.text
     return {"statement": statement, "now": now}
+
+
+async def seed_boilers(hub: Any, now: int) -> None:
+    """Two boilers: plant1.gw1.boiler1 (setpoint 62.5, outdoor 3.5 degC) on a gateway with the
+    fleet-wide model, plant1.gw2.boiler2 (setpoint 55, no outdoor sensor) on a gateway assigned a
+    test model v2 of its own."""
+    gw1 = [("boiler1", "flow_setpoint", 1, now - 60_000, 62.5, "degC", "good"),
+           ("boiler1", "outdoor_temp", 2, now - 60_000, 3.5, "degC", "good")]
+    gw2 = [("boiler2", "flow_setpoint", 1, now - 60_000, 55.0, "degC", "good")]
+    await hub.store.write([TelemetryItem(telemetry("plant1", "gw1", gw1), now),
+                           TelemetryItem(telemetry("plant1", "gw2", gw2), now)])
+    async with httpx.AsyncClient(base_url=hub.api_url, auth=admin_auth(), timeout=30) as http:
+        r = await http.post("/api/v1/models", content=onnx_model(model_card(version=2, threshold=1000.0)),
+                            headers={"Content-Type": "application/octet-stream"})
+        assert r.status_code == 201, r.text
+        r = await http.put("/api/v1/model-assignments", json={"profile": "sim-boiler", "name": "sim-boiler-anomaly",
+                                                              "version": 2, "gateway": "plant1.gw2"})
+        assert r.status_code == 200, r.text
 
 
 async def api_cost(hub: Any, since: str) -> dict[str, Any]:
@@ -234,7 +252,8 @@ async def test_meter_page_cost_statements_and_reading_dialog(mosquitto: Mosquitt
 async def test_whatif_leak_and_board_report(mosquitto: Mosquitto, tmp_path: Path, browser: Any) -> None:
     config = hub_config(db_url=f"sqlite://{tmp_path}/hub.db", mqtt_port=mosquitto.port)
     async with running_hub(config) as hub:
-        await seed(hub)
+        seeded = await seed(hub)
+        await seed_boilers(hub, seeded["now"])
         context = await browser.new_context(viewport=DESKTOP, accept_downloads=True)
         page = await context.new_page()
         page.set_default_timeout(WAIT_MS)
@@ -273,11 +292,48 @@ async def test_whatif_leak_and_board_report(mosquitto: Mosquitto, tmp_path: Path
             assert await svg.get_attribute("role") == "img"
             assert await svg.locator("polyline").count() >= 1
         assert await page.locator('svg[data-chart="score"] line[data-ref="alarm threshold"]').count() == 1
-        assert "Anomaly model sim-boiler-anomaly v1" in await page.locator("#anomaly-summary").inner_text()
+        summary = page.locator("#anomaly-summary")
+        assert "Anomaly model sim-boiler-anomaly v1 (the version assigned fleet-wide)" in await summary.inner_text()
+        assert await summary.get_attribute("data-model-source") == "assigned"
         await screenshot(page, "whatif")
+
+        # A boiler of the fleet: the generic one first, then each boiler by site › gateway › name.
+        boiler = page.get_by_label("Boiler", exact=True)
+        assert await boiler.locator("option").all_inner_texts() == [
+            "Generic simulated boiler (24 kW)", "plant1 › gw1 › boiler1", "plant1 › gw2 › boiler2"]
+        setpoint = page.get_by_label("Flow setpoint (°C)")
+        outdoor = page.get_by_label("Outdoor temperature, daily mean (°C)")
+        await boiler.select_option(label="plant1 › gw1 › boiler1")
+        assert (await setpoint.input_value(), await outdoor.input_value()) == ("62.5", "3.5")
+        help_text = await page.locator("#boiler-help").inner_text()
+        assert "setpoint 62.5 °C" in help_text and "gateway plant1.gw1" in help_text
+        # Its gateway has an own model version: the run is scored with it, and the result says so.
+        await boiler.select_option(label="plant1 › gw2 › boiler2")
+        assert (await setpoint.input_value(), await outdoor.input_value()) == ("55", "5")  # no outdoor sensor
+        assert "No reading, generic value: outdoor temperature 5 °C" in await page.locator("#boiler-help").inner_text()
+        await page.get_by_role("button", name="Run simulation").click()
+        await summary.and_(page.locator('[data-model-source="gateway"]')).wait_for()
+        await page.locator('#whatif-status[data-state="done"]').wait_for()
+        text = await summary.inner_text()
+        assert text.startswith("Boiler plant1.gw2.boiler2. Anomaly model sim-boiler-anomaly v2 "
+                               "(the version gateway plant1.gw2 runs, assigned to that gateway)"), text
+        assert await page.locator('#alarms li[data-alarm="boiler-pressure"]').count() == 1  # the leak is still on
+        await screenshot(page, "whatif-boiler")
+        # The technician changes the filled-in setpoint: the run takes it (the fleet-wide model on gw1).
+        await boiler.select_option(label="plant1 › gw1 › boiler1")
+        await setpoint.fill("60")
+        async with page.expect_request("**/api/v1/whatif") as sent:
+            await page.get_by_role("button", name="Run simulation").click()
+        body = (await sent.value).post_data_json
+        assert (body["device"], body["flow_setpoint_c"], body["outdoor_temp_c"]) == ("plant1.gw1.boiler1", 60, 3.5)
+        await summary.filter(has_text="gateway plant1.gw1 runs, the fleet-wide assignment").wait_for()
+        assert (await summary.inner_text()).startswith("Boiler plant1.gw1.boiler1. Anomaly model sim-boiler-anomaly v1")
         await page.set_viewport_size(TABLET)
         assert await page.evaluate("document.documentElement.scrollWidth") <= TABLET["width"]
         await screenshot(page, "whatif-tablet")
+        # Back to the generic boiler: the generic defaults again.
+        await boiler.select_option(label="Generic simulated boiler (24 kW)")
+        assert (await setpoint.input_value(), await outdoor.input_value()) == ("70", "5")
 
         # Out of range and busy: the hub's reason / a retry message, announced.
         await page.get_by_label("Flow setpoint (°C)").fill("95")

@@ -109,9 +109,18 @@ async def meter(request: Request, meter_id: str, user: Annotated[Principal, allo
     return render("meter.html", user=user, page="meters", device=dev, data=data)
 
 
+def _number(value: float | None) -> str | None:
+    return None if value is None else f"{value:g}"
+
+
 @router.get("/whatif")
-async def whatif_page(user: Annotated[Principal, allow(*FIELD)]) -> HTMLResponse:
-    """The what-if simulator's form and charts (the script calls ``POST /api/v1/whatif``)."""
+async def whatif_page(request: Request, user: Annotated[Principal, allow(*FIELD)]) -> HTMLResponse:
+    """The what-if simulator's form and charts (the script calls ``POST /api/v1/whatif``), with the
+    fleet's boilers to choose from and their latest setpoint and outdoor temperature."""
     low, high = whatif.profile().safe_range("flow_setpoint")
+    boilers = [{"uid": b.device.uid, "label": f"{b.device.site} › {b.device.gateway} › {b.device.name}",
+                "gateway": b.gateway, "setpoint": _number(b.defaults.get("flow_setpoint_c")),
+                "outdoor": _number(b.defaults.get("outdoor_temp_c"))}
+               for b in await whatif.fleet_boilers(_ctx(request).db)]
     return render("whatif.html", user=user, page="whatif", setpoint_min=low, setpoint_max=high,
-                  max_horizon=whatif.MAX_HORIZON_H)
+                  max_horizon=whatif.MAX_HORIZON_H, boilers=boilers)

@@ -1,6 +1,8 @@
 // What-if page: the form goes to POST /api/v1/whatif (through api.js: CSRF header); the answer is
 // drawn as hand-written SVG line charts (no library), with the anomaly score against its
-// threshold and the list of alarms that would fire. Text goes in with textContent.
+// threshold and the list of alarms that would fire. Text goes in with textContent. Choosing a boiler
+// of the fleet fills the setpoint and outdoor inputs with its latest readings (rendered into the
+// options by the server) and sends its uid: the hub then scores with the model its gateway runs.
 import { api } from "/static/api.js";
 
 const SVG = "http://www.w3.org/2000/svg";
@@ -23,6 +25,10 @@ const runEl = document.getElementById("w-run");
 const statusEl = document.getElementById("whatif-status");
 const errorEl = document.getElementById("whatif-error");
 const resultsEl = document.getElementById("results");
+const boilerEl = document.getElementById("boiler");
+const boilerHelpEl = document.getElementById("boiler-help");
+// Inputs a fleet boiler's latest readings fill: [input id, option data key, what it is].
+const FROM_DEVICE = [["w-setpoint", "setpoint", "setpoint"], ["w-outdoor", "outdoor", "outdoor temperature"]];
 
 function el(tag, attrs = {}, ...children) {
   const node = document.createElement(tag);
@@ -111,6 +117,16 @@ function hoursText(tH) {
   return `${tH.toFixed(2)} h (${h} h ${m} min)`;
 }
 
+// Why this model version: the version chosen, assigned fleet-wide, or what the boiler's gateway runs.
+function modelWhy(m) {
+  if (m.source === "gateway") {
+    return `the version gateway ${m.gateway} runs` +
+      (m.scope === "gateway" ? ", assigned to that gateway" : ", the fleet-wide assignment");
+  }
+  if (m.source === "chosen") return "the version chosen";
+  return "the version assigned fleet-wide";
+}
+
 function render(res) {
   const hours = res.series.t_s.map((t) => t / 3600);
   const charts = document.getElementById("charts");
@@ -122,16 +138,21 @@ function render(res) {
   }
   const an = res.anomaly;
   const summaryEl = document.getElementById("anomaly-summary");
+  summaryEl.dataset.modelSource = an.model ? an.model.source : "";
   if (an.status === "scored") {
     const refs = [{ value: an.threshold, label: "alarm threshold" }];
     charts.append(lineChart({ id: "score", title: "Anomaly score", unit: "score",
       hours: an.series.t_s.map((t) => t / 3600), lines: [{ name: "score", values: an.series.score }], refs }));
-    summaryEl.textContent = `Anomaly model ${an.model.name} v${an.model.version}: highest score ${an.max_score} ` +
+    summaryEl.textContent = `Anomaly model ${an.model.name} v${an.model.version} (${modelWhy(an.model)}): ` +
+      `highest score ${an.max_score} ` +
       `(alarm above ${an.threshold}); ` + (an.first_alarm_s === null ? "it would not raise an alarm."
         : `it would first raise an alarm after ${hoursText(an.first_alarm_s / 3600)}.`);
   } else {
-    summaryEl.textContent = `Anomaly model: ${an.status.replaceAll("_", " ")}${an.detail ? ` (${an.detail})` : ""}.`;
+    const named = an.model ? ` ${an.model.name} v${an.model.version} (${modelWhy(an.model)})` : "";
+    summaryEl.textContent = `Anomaly model${named}: ${an.status.replaceAll("_", " ")}` +
+      `${an.detail ? ` (${an.detail})` : ""}.`;
   }
+  if (res.device) summaryEl.textContent = `Boiler ${res.device}. ${summaryEl.textContent}`;
   const list = document.getElementById("alarms");
   list.replaceChildren();
   for (const a of res.alarms) {
@@ -146,12 +167,33 @@ function render(res) {
 
 function body() {
   const out = {};
+  if (boilerEl.value) out.device = boilerEl.value;
   for (const input of form.querySelectorAll("input")) {
     if (input.value.trim() === "") continue;  // e.g. heat demand: the daily schedule
     out[input.name] = Number(input.value);
   }
   return out;
 }
+
+// A boiler chosen: its latest readings into the inputs (the generic defaults where it has none),
+// and the hint says what was filled in and which model will score.
+boilerEl.addEventListener("change", () => {
+  const option = boilerEl.selectedOptions[0];
+  const filled = [], generic = [];
+  for (const [id, key, what] of FROM_DEVICE) {
+    const input = document.getElementById(id);
+    const value = option.value ? option.dataset[key] : undefined;
+    input.value = value !== undefined ? value : input.defaultValue;
+    (value !== undefined ? filled : generic).push(`${what} ${input.value} °C`);
+  }
+  if (!option.value) {
+    boilerHelpEl.textContent = "The simulator's generic boiler, scored with the fleet-wide anomaly model.";
+    return;
+  }
+  boilerHelpEl.textContent = (filled.length ? `Latest readings filled in: ${filled.join(", ")}. ` : "") +
+    (generic.length ? `No reading, generic value: ${generic.join(", ")}. ` : "") +
+    `Scored with the anomaly model version that gateway ${option.dataset.gateway} runs.`;
+});
 
 function detailText(b) {
   if (b && typeof b.detail === "string") return b.detail;
