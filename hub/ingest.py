@@ -105,6 +105,9 @@ class Ingest:
         # None is a wake-up call: stop() uses it to end the batch wait at once.
         self._queue: asyncio.Queue[_Pending | None] = asyncio.Queue()
         self._unfinished = 0  # received, not yet acknowledged or given up
+        self._decoded_readings = 0  # readings of those, held decoded ([ingest] max_decoded_readings)
+        self._room = asyncio.Event()  # set while below max_decoded_readings
+        self._room.set()
         self._idle = asyncio.Event()
         self._idle.set()
         self._stop = asyncio.Event()
@@ -261,8 +264,15 @@ class Ingest:
     # -- receiving ---------------------------------------------------------------------------
 
     async def _receive(self, client: aiomqtt.Client, generation: int) -> None:
+        limit = self.cfg.max_decoded_readings
         async for message in client.messages:
             self._accept(message, generation)
+            if self._decoded_readings >= limit:
+                # Back-pressure: the next messages wait undecoded in the client until the writer
+                # has committed (and acknowledged) a batch.
+                self._room.clear()
+                self.metrics.ingest_paused()
+                await self._room.wait()
 
     def _accept(self, message: aiomqtt.Message, generation: int) -> None:
         received = self.clock()
@@ -308,8 +318,10 @@ class Ingest:
         # Rejected messages are queued too: they are acknowledged (never redelivered) but only
         # after the messages received before them, because PUBACKs must go out in order.
         self._unfinished += 1
+        self._decoded_readings += readings
         self._idle.clear()
         self.metrics.queue_depth.set(self._unfinished)
+        self.metrics.queue_readings.set(self._decoded_readings)
         self._queue.put_nowait(_Pending(generation, message.mid, message.qos, kind, readings, item))
 
     def _reject(self, topic: str, reason: str, detail: str) -> None:
@@ -391,7 +403,11 @@ class Ingest:
                 acked += 1
         self.metrics.acked(acked)
         self._unfinished -= len(batch)
+        self._decoded_readings -= sum(p.readings for p in batch)
         self.metrics.queue_depth.set(self._unfinished)
+        self.metrics.queue_readings.set(self._decoded_readings)
+        if self._decoded_readings < self.cfg.max_decoded_readings:
+            self._room.set()
         if self._unfinished == 0:
             self._idle.set()
 

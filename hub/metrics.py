@@ -88,6 +88,12 @@ class HubMetrics:
         self.mqtt_connected = Gauge("twin_hub_mqtt_connected", "1 while connected and subscribed", registry=r)
         self.queue_depth = Gauge("twin_hub_ingest_queue_messages", "Messages received, not yet committed",
                                  registry=r)
+        self.queue_readings = Gauge("twin_hub_ingest_queue_readings",
+                                    "Readings decoded, not yet committed ([ingest] max_decoded_readings)",
+                                    registry=r)
+        self._paused = Counter("twin_hub_ingest_paused",
+                               "Times decoding waited for the database (max_decoded_readings reached)",
+                               registry=r)
         self._assignments = Counter("twin_hub_model_assignments_published",
                                     "Retained model-assignment messages acknowledged by the broker", registry=r)
         self._assignment_failures = Counter("twin_hub_model_assignments_publish_failures",
@@ -117,6 +123,10 @@ class HubMetrics:
         self.stats.malformed += 1
         self.stats.malformed_by_reason[reason] += 1
         self._malformed.labels(reason).inc()
+
+    def ingest_paused(self) -> None:
+        """Decoding waits for the database: ``[ingest] max_decoded_readings`` readings are held."""
+        self._paused.inc()
 
     def batch(self, seconds: float, readings: int, inserted: int) -> None:
         """Count one committed batch."""

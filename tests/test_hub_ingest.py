@@ -14,6 +14,8 @@ from typing import Any
 import aiomqtt
 import httpx
 import pytest
+from prometheus_client import generate_latest
+from pydantic import ValidationError
 
 from fleet.broker import Mosquitto
 from fleet.configs import write_hub_config
@@ -209,6 +211,40 @@ async def test_message_is_not_acknowledged_before_commit(mosquitto: Mosquitto, c
     async with running_hub(config) as hub2:
         await wait_until(lambda: hub2.stats.readings_stored == 20, what="redelivered messages stored")
         assert await count_rows(hub2) == 20
+
+
+async def test_decoding_waits_for_the_database_beyond_max_decoded_readings(mosquitto: Mosquitto, db_url: str,
+                                                                           monkeypatch: pytest.MonkeyPatch) -> None:
+    # A backlog arrives faster than the database commits (here: not at all until released). The
+    # hub holds at most max_decoded_readings decoded; the rest waits undecoded and unacknowledged.
+    config = hub_config(db_url=db_url, mqtt_port=mosquitto.port,
+                        ingest={"batch_max_readings": 10, "max_decoded_readings": 50})
+    async with running_hub(config) as hub:
+        real_write = hub.store.write
+        release = asyncio.Event()
+
+        async def held_write(telemetry: list[TelemetryItem], statuses: list[StatusItem],
+                             events: list[EventItem]) -> WriteResult:
+            await release.wait()
+            return await real_write(telemetry, statuses, events)
+
+        monkeypatch.setattr(hub.store, "write", held_write)
+        await publish(mosquitto, *[tele("site1", "gw1", series("b1", "temp", 5, seq0=i * 5)) for i in range(40)])
+        await wait_until(lambda: hub.stats.telemetry_messages == 10, what="decoded up to the limit")
+        await asyncio.sleep(0.5)  # the other 30 are at the hub's door: none of them is decoded
+        assert hub.stats.telemetry_messages == 10 and hub.stats.readings_stored == 0
+        exported = generate_latest(hub.metrics.registry).decode()
+        assert "twin_hub_ingest_queue_readings 50.0" in exported and "twin_hub_ingest_paused_total 1.0" in exported
+        release.set()
+        await wait_until(lambda: hub.stats.readings_stored == 200, what="the whole backlog stored")
+        assert hub.stats.telemetry_messages == 40 and hub.stats.acked == 40
+        assert await count_rows(hub) == 200
+
+
+def test_max_decoded_readings_must_hold_a_batch() -> None:
+    with pytest.raises(ValidationError, match="max_decoded_readings must be >= batch_max_readings"):
+        hub_config(db_url="sqlite://:memory:", mqtt_port=1883,
+                   ingest={"batch_max_readings": 5000, "max_decoded_readings": 1000})
 
 
 async def test_database_failure_is_retried_without_loss(mosquitto: Mosquitto, config: HubConfig,
