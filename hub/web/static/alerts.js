@@ -4,6 +4,7 @@
 // Everything from the hub is set with textContent: messages and names are data, never markup.
 
 import { api } from "/static/api.js";
+import { el } from "/static/dom.js";
 
 const info = JSON.parse(document.getElementById("alerts-data").textContent);
 const listEl = document.getElementById("alerts");
@@ -14,16 +15,6 @@ const stateEl = document.getElementById("f-state");
 const severityEl = document.getElementById("f-severity");
 const REFRESH_MS = 15000;
 let editing = 0; // action forms open: no re-render under the user's hands
-
-function el(tag, attrs = {}, ...children) {
-  const node = document.createElement(tag);
-  for (const [k, v] of Object.entries(attrs)) {
-    if (k === "text") node.textContent = v;
-    else node.setAttribute(k, v);
-  }
-  for (const c of children) node.append(c);
-  return node;
-}
 
 function timeText(value) {
   return value ? value.replace("T", " ").slice(0, 19) + " UTC" : "";

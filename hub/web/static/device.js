@@ -5,10 +5,10 @@
 // Everything from the hub is set with textContent or as SVG attributes: names are data, not markup.
 
 import { api } from "/static/api.js";
+import { el, svg } from "/static/dom.js";
 
 const info = JSON.parse(document.getElementById("device-data").textContent);
 const base = `/api/v1/devices/${encodeURIComponent(info.id)}`;
-const SVG = "http://www.w3.org/2000/svg";
 const POLL_MS = 4000;
 const TWIN_EVERY_MS = 15000;
 const PAGE = 10000; // the readings API's largest page
@@ -31,23 +31,6 @@ let anomalies = [];
 let alerts = [];
 let lastTwin = 0;
 let latestKey = "";
-
-function el(tag, attrs = {}, ...children) {
-  const node = document.createElement(tag);
-  for (const [k, v] of Object.entries(attrs)) {
-    if (k === "text") node.textContent = v;
-    else node.setAttribute(k, v);
-  }
-  for (const c of children) node.append(c);
-  return node;
-}
-
-function svg(tag, attrs = {}, text) {
-  const node = document.createElementNS(SVG, tag);
-  for (const [k, v] of Object.entries(attrs)) node.setAttribute(k, String(v));
-  if (text !== undefined) node.textContent = text;
-  return node;
-}
 
 function titled(node, text) {
   node.append(svg("title", {}, text));

@@ -2,6 +2,8 @@
 // on /api/v1/stream/fleet (server-sent events). Search and status filter work on the client.
 // Everything is built with textContent: names from gateways are data, never markup.
 
+import { el } from "/static/dom.js";
+
 const SEVERITIES = ["critical", "warning", "info"];
 const STATUSES = ["online", "stale", "offline"];
 // The status is always written out; the symbol and colour only repeat it.
@@ -14,16 +16,6 @@ const searchEl = document.getElementById("search");
 const statusEl = document.getElementById("status-filter");
 const shownEl = document.getElementById("shown");
 const liveEl = document.getElementById("live-state");
-
-function el(tag, attrs = {}, ...children) {
-  const node = document.createElement(tag);
-  for (const [k, v] of Object.entries(attrs)) {
-    if (k === "text") node.textContent = v;
-    else node.setAttribute(k, v);
-  }
-  for (const c of children) node.append(c);
-  return node;
-}
 
 function badge(status) {
   return el("span", { class: `status status-${status}`, "data-status": status },

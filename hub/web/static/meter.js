@@ -3,6 +3,7 @@
 // from values the server put in the page, in exact decimal arithmetic (BigInt, no floats); the
 // server checks the reading and the statement is authoritative. Text goes in with textContent.
 import { api } from "/static/api.js";
+import { el } from "/static/dom.js";
 
 const data = JSON.parse(document.getElementById("meter-data").textContent);
 const enc = encodeURIComponent(data.meter);
@@ -14,16 +15,6 @@ const estimateEl = document.getElementById("r-estimate");
 const resultEl = document.getElementById("reading-result");
 const submitEl = document.getElementById("r-submit");
 const statusEl = document.getElementById("page-status");
-
-function el(tag, attrs = {}, ...children) {
-  const node = document.createElement(tag);
-  for (const [k, v] of Object.entries(attrs)) {
-    if (k === "text") node.textContent = v;
-    else node.setAttribute(k, v);
-  }
-  for (const c of children) node.append(c);
-  return node;
-}
 
 // -- exact decimals ------------------------------------------------------------------------------
 

@@ -4,8 +4,8 @@
 // of the fleet fills the setpoint and outdoor inputs with its latest readings (rendered into the
 // options by the server) and sends its uid: the hub then scores with the model its gateway runs.
 import { api } from "/static/api.js";
+import { el, svg } from "/static/dom.js";
 
-const SVG = "http://www.w3.org/2000/svg";
 // Okabe–Ito colours (distinguishable with common colour-vision deficiencies), each line also dashed
 // differently and named in the legend: colour is never the only cue.
 const STYLES = [
@@ -29,23 +29,6 @@ const boilerEl = document.getElementById("boiler");
 const boilerHelpEl = document.getElementById("boiler-help");
 // Inputs a fleet boiler's latest readings fill: [input id, option data key, what it is].
 const FROM_DEVICE = [["w-setpoint", "setpoint", "setpoint"], ["w-outdoor", "outdoor", "outdoor temperature"]];
-
-function el(tag, attrs = {}, ...children) {
-  const node = document.createElement(tag);
-  for (const [k, v] of Object.entries(attrs)) {
-    if (k === "text") node.textContent = v;
-    else node.setAttribute(k, v);
-  }
-  for (const c of children) node.append(c);
-  return node;
-}
-
-function svg(tag, attrs = {}, text) {
-  const node = document.createElementNS(SVG, tag);
-  for (const [k, v] of Object.entries(attrs)) node.setAttribute(k, String(v));
-  if (text !== undefined) node.textContent = text;
-  return node;
-}
 
 function niceStep(span, count) {
   const raw = span / count;
