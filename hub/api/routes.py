@@ -8,6 +8,7 @@ from typing import Annotated, Any
 
 from fastapi import APIRouter, Depends, HTTPException, Query, Request, Response
 from fastapi.responses import JSONResponse
+from pydantic import TypeAdapter
 
 from hub import __version__, queries
 from hub.api.access import READERS, allow, public
@@ -135,6 +136,9 @@ async def latest(ctx: Ctx, device_id: str) -> LatestOut:
         for r in rows})
 
 
+_READINGS_JSON: TypeAdapter[list[dict[str, Any]]] = TypeAdapter(list[dict[str, Any]])
+
+
 @router.get("/devices/{device_id}/readings",
     dependencies=[allow(*READERS)], response_model=list[ReadingOut], responses=_NOT_FOUND)
 async def readings(
@@ -144,14 +148,18 @@ async def readings(
     since: SinceQuery = None,
     until: UntilQuery = None,
     limit: Annotated[int, Query(ge=1, le=MAX_LIMIT)] = 1000,
-) -> list[ReadingOut]:
+) -> Response:
     """Readings of a device ordered by timestamp (oldest first), optionally of one metric,
     in ``[since, until)``, at most ``limit`` (default 1000, max 10000)."""
     since_ms, until_ms = _time_range(since, until)
     dev = await _device_or_404(ctx, device_id)
     rows = await queries.readings(ctx.db, dev.pk, metric, since_ms, until_ms, limit)
-    return [ReadingOut(ts=iso_ms(r.ts_ms), metric=r.metric, value=r.typed_value, unit=r.unit,
-                       quality=r.quality, seq=r.seq) for r in rows]
+    # The dashboard's device page loads up to 100,000 of these per range: plain dicts serialised
+    # in one go, instead of a ReadingOut per row validated twice, take a third of the time
+    # (bench.dashboard). The shape is ReadingOut's, which the OpenAPI document still declares.
+    return Response(_READINGS_JSON.dump_json([
+        {"ts": iso_ms(r.ts_ms), "metric": r.metric, "value": r.typed_value, "unit": r.unit, "quality": r.quality,
+         "seq": r.seq} for r in rows]), media_type="application/json")
 
 
 @router.get("/gateways", dependencies=[allow(*READERS)], response_model=list[GatewayOut])
