@@ -10,7 +10,7 @@ from typing import Any
 from tortoise.functions import Count
 
 from hub.db import Database
-from hub.models import Device, Gateway, GatewayEvent, Reading
+from hub.models import Device, Gateway, GatewayEvent
 from protocol.ids import device_uid, is_valid_name, split_device_uid
 from protocol.schema import EventType
 
@@ -179,15 +179,18 @@ async def latest(db: Database, device_pk: int) -> list[ReadingRow]:
 async def readings(db: Database, device_pk: int, metric: str | None = None, since_ms: int | None = None,
                    until_ms: int | None = None, limit: int = 1000) -> list[ReadingRow]:
     """Readings of a device in ``[since, until)``, oldest first, at most ``limit``."""
+    # Hand-written like _LATEST_SQL: Tortoise's per-field conversion of values_list cost about as
+    # much as the query itself (~36 ms per 10,000 rows), and the device page asks for 100,000.
+    where: list[str] = ["device_id = ?"]
+    params: list[str | int] = [device_pk]
+    for clause, value in (("metric = ?", metric), ("ts_ms >= ?", since_ms), ("ts_ms < ?", until_ms)):
+        if value is not None:
+            where.append(clause)
+            params.append(value)
+    sql = db.sql(f"SELECT {', '.join(_READING_FIELDS)} FROM reading WHERE {' AND '.join(where)} "
+                 "ORDER BY ts_ms, seq LIMIT ?")
     with db.activate():
-        q = Reading.filter(device_id=device_pk)
-        if metric is not None:
-            q = q.filter(metric=metric)
-        if since_ms is not None:
-            q = q.filter(ts_ms__gte=since_ms)
-        if until_ms is not None:
-            q = q.filter(ts_ms__lt=until_ms)
-        rows = await q.order_by("ts_ms", "seq").limit(limit).values_list(*_READING_FIELDS)
+        _, rows = await db.conn.execute_query(sql, [*params, limit])
     return [ReadingRow(*r) for r in rows]
 
 
