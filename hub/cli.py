@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import gc
 import json
 import signal
 import sys
@@ -56,6 +57,11 @@ async def _run(config: HubConfig) -> int:
         print(f"twin-hub: created user 'admin' with password {hub.generated_admin_password} - shown only "
               "now; set TWIN_ADMIN_PASSWORD to choose it, change it with PATCH /api/v1/users/admin",
               file=sys.stderr, flush=True)
+    # Everything loaded so far (FastAPI, pydantic, Tortoise, the routes) lives as long as the
+    # process: out of the garbage collector's sight, a full collection no longer walks it each
+    # time (measured: the fleet summary's p99 was one such ~80 ms walk every ~50 requests).
+    gc.collect()
+    gc.freeze()
     # The one line on stdout launchers wait for; everything else goes to stderr as logs.
     print(json.dumps({"event": "ready", "api": hub.api_url}), flush=True)
     failed = asyncio.create_task(hub.wait())
