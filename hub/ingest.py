@@ -265,14 +265,26 @@ class Ingest:
 
     async def _receive(self, client: aiomqtt.Client, generation: int) -> None:
         limit = self.cfg.max_decoded_readings
-        async for message in client.messages:
-            self._accept(message, generation)
-            if self._decoded_readings >= limit:
-                # Back-pressure: the next messages wait undecoded in the client until the writer
-                # has committed (and acknowledged) a batch.
-                self._room.clear()
-                self.metrics.ingest_paused()
-                await self._room.wait()
+        messages = client.messages
+        gate = _ReadGate(client)
+        try:
+            while True:
+                # Never wait for a message with the socket paused (nothing could arrive).
+                if gate.paused and self._decoded_readings < limit and len(messages) <= RAW_LOW:
+                    gate.resume()
+                message = await anext(messages)
+                self._accept(message, generation)
+                if self._decoded_readings >= limit:
+                    # Back-pressure: stop reading from the broker and decoding until the writer has
+                    # committed (and acknowledged) a batch. The broker keeps the rest.
+                    gate.pause()
+                    self._room.clear()
+                    self.metrics.ingest_paused()
+                    await self._room.wait()
+                elif len(messages) >= RAW_HIGH:
+                    gate.pause()  # arriving faster than decoded: let the broker hold them
+        finally:
+            gate.resume()
 
     def _accept(self, message: aiomqtt.Message, generation: int) -> None:
         received = self.clock()
@@ -410,6 +422,67 @@ class Ingest:
             self._room.set()
         if self._unfinished == 0:
             self._idle.set()
+
+
+RAW_HIGH, RAW_LOW = 100, 25
+"""Received messages waiting to be decoded (in aiomqtt's queue) at which the hub stops reading
+its broker connection, and at which it reads again."""
+
+
+class _ReadGate:
+    """Stops and restarts reading the broker connection: TCP back-pressure, so a backlog stays in
+    the broker (which is made to hold it: ``max_queued_messages``) instead of the hub's memory.
+
+    Mosquitto 2.0 does not keep a subscriber to its in-flight window once acknowledgements flow:
+    with ``log_type all`` each PUBACK of the oldest message is followed by up to a window's worth
+    of new PUBLISHes (2,000 of 2,000 sent with 100 acknowledged, window 100), so after an outage
+    of days the backlog would arrive as fast as TCP carries it. aiomqtt reads the socket through
+    the event loop's ``add_reader`` and has no pause, so this takes its reader out of the loop and
+    puts the same one back. Paused, no PINGRESP is read either: a pause longer than the keep-alive
+    (the database down for minutes) ends the connection, and the broker redelivers what was not
+    acknowledged after the reconnection, as after any connection loss.
+    """
+
+    def __init__(self, client: aiomqtt.Client) -> None:
+        self._client = client
+        self._saved: tuple[int, Callable[..., object], tuple[object, ...]] | None = None
+
+    @property
+    def paused(self) -> bool:
+        """Whether reading is paused."""
+        return self._saved is not None
+
+    def pause(self) -> None:
+        """Stop reading (a no-op if paused, not connected, or on a loop without a selector)."""
+        if self._saved is not None:
+            return
+        sock = self._client._client.socket()
+        selector = getattr(asyncio.get_running_loop(), "_selector", None)
+        if sock is None or selector is None:
+            return
+        fd = sock.fileno()
+        try:
+            reader = selector.get_key(fd).data[0]
+        except (KeyError, ValueError):
+            return
+        if reader is None or reader.cancelled():
+            return
+        self._saved = (fd, reader._callback, reader._args)
+        asyncio.get_running_loop().remove_reader(fd)
+
+    def resume(self) -> None:
+        """Read again, and once at once: a TLS socket may hold decrypted bytes the selector does not
+        see."""
+        if self._saved is None:
+            return
+        fd, callback, args = self._saved
+        self._saved = None
+        sock = self._client._client.socket()
+        if sock is None or sock.fileno() != fd:
+            return  # the connection is gone; its successor has a reader of its own
+        loop = asyncio.get_running_loop()
+        loop.add_reader(fd, callback, *args)
+        loop.call_soon(callback, *args)
 
 
 def _refused(code: object) -> bool:

@@ -21,6 +21,7 @@ from fleet.broker import Mosquitto
 from fleet.configs import write_hub_config
 from fleet.procs import ReadyProcess
 from hub.config import HubConfig
+from hub.ingest import RAW_HIGH
 from hub.models import GatewayEvent, Reading
 from hub.service import Hub, running_hub
 from hub.store import EventItem, StatusItem, TelemetryItem, WriteResult
@@ -239,6 +240,41 @@ async def test_decoding_waits_for_the_database_beyond_max_decoded_readings(mosqu
         await wait_until(lambda: hub.stats.readings_stored == 200, what="the whole backlog stored")
         assert hub.stats.telemetry_messages == 40 and hub.stats.acked == 40
         assert await count_rows(hub) == 200
+
+
+async def test_a_backlog_waits_in_the_broker_not_in_the_hub(mosquitto: Mosquitto, db_url: str,
+                                                           monkeypatch: pytest.MonkeyPatch) -> None:
+    # A slow database with acknowledgements flowing: Mosquitto 2.0 then sends far beyond its
+    # in-flight window (578 of 600 waiting in the client without the read gate), so only the
+    # hub's read gate keeps the burst in the broker.
+    config = hub_config(db_url=db_url, mqtt_port=mosquitto.port,
+                        ingest={"batch_max_readings": 10, "max_decoded_readings": 50})
+    async with running_hub(config) as hub:
+        real_write = hub.store.write
+
+        async def slow_write(telemetry: list[TelemetryItem], statuses: list[StatusItem],
+                             events: list[EventItem]) -> WriteResult:
+            await asyncio.sleep(0.02)
+            return await real_write(telemetry, statuses, events)
+
+        monkeypatch.setattr(hub.store, "write", slow_write)
+        client = hub.ingest._client
+        assert client is not None
+        waiting: list[int] = []
+        done = asyncio.Event()
+
+        async def sample() -> None:
+            while not done.is_set():
+                waiting.append(len(client.messages))
+                await asyncio.sleep(0.005)
+
+        sampler = asyncio.create_task(sample())
+        await publish(mosquitto, *[tele("site1", "gw1", series("b1", "temp", 5, seq0=i * 5)) for i in range(600)])
+        await wait_until(lambda: hub.stats.readings_stored == 3000, within_s=60, what="the burst stored")
+        done.set()
+        await sampler
+        assert max(waiting) <= RAW_HIGH + 5, max(waiting)
+        assert hub.stats.acked == 600 and await count_rows(hub) == 3000
 
 
 def test_max_decoded_readings_must_hold_a_batch() -> None:
