@@ -19,7 +19,6 @@ call of the hub they run inside :meth:`hub.db.Database.activate` (API requests a
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import json
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
@@ -32,6 +31,7 @@ from tortoise.models import Model
 from hub.db import Database
 from hub.errors import RequestRefused
 from hub.ingest import Ingest, now_ms
+from hub.retained import GatewayKey, Publisher, RetainedPerGateway
 from hub.store import EventItem, StatusItem, TelemetryItem
 from protocol.ids import is_valid_name
 from protocol.logs import get_logger
@@ -45,7 +45,6 @@ MAX_DOCUMENT_BYTES = 65_536
 CONFIG_KEYS = ("devices", "serial_ports")
 """The tables of ``edge.toml`` a remote configuration sets."""
 
-GatewayKey = tuple[str, str]
 """(site, gateway)."""
 
 
@@ -233,33 +232,19 @@ async def configured_gateways() -> list[GatewayKey]:
 # -- publishing and reports -----------------------------------------------------------------------
 
 
-class GatewayConfigs:
-    """Publishes desired configurations (:meth:`mark`, :meth:`mark_all`, :meth:`run`) and records
-    the gateways' reports (:meth:`on_batch`)."""
+class GatewayConfigs(RetainedPerGateway):
+    """Publishes desired configurations (:meth:`mark`, :meth:`mark_all`, :meth:`run`; the mechanism:
+    :class:`hub.retained.RetainedPerGateway`) and records the gateways' reports (:meth:`on_batch`)."""
+
+    failure_event = "gateway_config_publish_failed"
 
     def __init__(self, db: Database, ingest: Ingest | None, clock: Callable[[], int] = now_ms) -> None:
+        super().__init__(ingest)
         self.db = db
-        self.ingest = ingest
         self.clock = clock
-        self.published = 0
-        """Configuration messages acknowledged by the broker since start."""
         self.reports = 0
         """``config_*`` events recorded since start (tests wait on it)."""
-        self._dirty: set[GatewayKey] = set()
-        self._all = False
         self._reports: asyncio.Queue[EventItem] = asyncio.Queue(maxsize=10_000)
-        self._wake = asyncio.Event()
-        self._stop = asyncio.Event()
-
-    def mark(self, *gateways: GatewayKey) -> None:
-        """Publish these gateways' configuration (soon, and again after a failure)."""
-        self._dirty.update(gateways)
-        self._wake.set()
-
-    def mark_all(self) -> None:
-        """Publish every stored configuration (the ingest calls it on every (re)subscription)."""
-        self._all = True
-        self._wake.set()
 
     def on_batch(self, telemetry: Sequence[TelemetryItem], statuses: Sequence[StatusItem],
                  events: Sequence[EventItem]) -> None:
@@ -270,31 +255,16 @@ class GatewayConfigs:
                     self._reports.put_nowait(e)
                 except asyncio.QueueFull:
                     log.warning("config_report_dropped", site=e.event.site, gateway=e.event.gateway)
-                self._wake.set()
+                self.wake()
 
-    async def stop(self) -> None:
-        """Make :meth:`run` return."""
-        self._stop.set()
-        self._wake.set()
+    async def all_gateways(self) -> list[GatewayKey]:
+        """Every gateway with a stored configuration."""
+        with self.db.activate():
+            return await configured_gateways()
 
-    async def run(self) -> None:
-        """Record reports and publish marked gateways until :meth:`stop`; failures are retried."""
-        backoff = 0.2
-        while not self._stop.is_set():
-            await self._wake.wait()
-            self._wake.clear()
-            if self._stop.is_set():
-                break
-            await self._record_reports()
-            if self.ingest is None or not self.ingest.subscribed.is_set() or not (self._dirty or self._all):
-                continue  # the ingest calls mark_all() once it is subscribed (again)
-            if await self._publish_marked(self.ingest):
-                with contextlib.suppress(TimeoutError):
-                    await asyncio.wait_for(self._stop.wait(), backoff)
-                backoff = min(backoff * 2, 5.0)
-                self._wake.set()
-            else:
-                backoff = 0.2
+    async def before_publishing(self) -> None:
+        """Record the reports that arrived (before publishing, on the same task)."""
+        await self._record_reports()
 
     async def _record_reports(self) -> None:
         while not self._reports.empty():
@@ -314,36 +284,14 @@ class GatewayConfigs:
             log.info("gateway_config_reported", site=e.site, gateway=e.gateway, type=e.type.value, version=version,
                      error=error or None)
 
-    async def _publish_marked(self, ingest: Ingest) -> bool:
-        targets, self._dirty = self._dirty, set()
-        if self._all:
-            self._all = False
-            try:
-                with self.db.activate():
-                    targets |= set(await configured_gateways())
-            except Exception as exc:  # database away: try again later
-                self._all = True
-                self._dirty |= targets
-                log.warning("gateway_config_publish_failed", gateways="all", error=str(exc))
-                return True
-        failed = False
-        for key in sorted(targets):
-            try:
-                await self.publish_one(ingest, *key)
-            except Exception as exc:  # broker or database away: keep it marked, retry
-                self._dirty.add(key)
-                failed = True
-                log.warning("gateway_config_publish_failed", site=key[0], gateway=key[1], error=str(exc))
-        return failed
-
-    async def publish_one(self, ingest: Ingest, site: str, gateway: str) -> GatewayConfigV1 | None:
+    async def publish_one(self, publisher: Publisher, site: str, gateway: str) -> GatewayConfigV1 | None:
         """Publish the desired configuration of one gateway (retained, QoS 1); ``None`` if it has none."""
         with self.db.activate():
             current = await current_config(site, gateway)
         if current is None:
             return None
         msg = GatewayConfigV1(site=site, gateway=gateway, ts=self.clock(), version=current[0], config=current[1])
-        await ingest.publish(config_topic(site, gateway), encode(msg), qos=1, retain=True)
+        await publisher.publish(config_topic(site, gateway), encode(msg), qos=1, retain=True)
         self.published += 1
         log.info("gateway_config_published", site=site, gateway=gateway, version=current[0])
         return msg

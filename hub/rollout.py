@@ -24,13 +24,11 @@ fleet-wide assignments.
 
 from __future__ import annotations
 
-import asyncio
-import contextlib
 import json
 from collections import OrderedDict
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any, Protocol
+from typing import Any
 
 from tortoise.exceptions import IntegrityError
 
@@ -41,6 +39,7 @@ from hub.modelfile import CheckedModel
 from hub.models import Gateway
 from hub.queries import GatewayRef
 from hub.registry import FLEET_SCOPE, ModelAssignment, ModelVersion
+from hub.retained import GatewayKey, Publisher, RetainedPerGateway
 from protocol.anomaly import card_json, sha256_of
 from protocol.logs import get_logger
 from protocol.schema import ModelAssignmentItemV1, ModelAssignmentV1, encode
@@ -48,7 +47,6 @@ from protocol.topics import models_topic
 
 log = get_logger("hub.rollout")
 
-GatewayKey = tuple[str, str]
 """(site, gateway)."""
 
 _VERSION_FIELDS = ("name", "version", "profile", "sha256", "size", "card", "uploaded_ms", "uploaded_by")
@@ -321,106 +319,29 @@ def assignment_message(site: str, gateway: str, rows: list[AssignmentRow], base_
 # -- publishing -------------------------------------------------------------------------------
 
 
-class Publisher(Protocol):
-    """The MQTT side :class:`Rollout` publishes through (:class:`hub.ingest.Ingest`)."""
+class Rollout(RetainedPerGateway):
+    """Publishes gateways' model assignments: :meth:`mark` the changed ones, :meth:`run` sends
+    (the mechanism: :class:`hub.retained.RetainedPerGateway`)."""
 
-    subscribed: asyncio.Event
-
-    async def publish(self, topic: str, payload: bytes, *, qos: int = 1, retain: bool = False,
-                      timeout_s: float = 10.0) -> None: ...
-
-
-class Rollout:
-    """Publishes gateways' model assignments: :meth:`mark` the changed ones, :meth:`run` sends.
-
-    One task publishes, one gateway at a time (QoS 1 keeps their order per connection); marks
-    coalesce, and each message is computed from the database when it is sent.
-    """
+    failure_event = "assignments_publish_failed"
 
     def __init__(self, db: Database, publisher: Publisher | None, base_url: Callable[[], str],
                  metrics: HubMetrics, clock: Callable[[], int]) -> None:
+        super().__init__(publisher)
         self.db = db
-        self.publisher = publisher
         self.base_url = base_url
         self.metrics = metrics
         self.clock = clock
         self.sign: DownloadSigner | None = None
         """Signs download URLs (set by the hub once its token secret is known)."""
-        self.published = 0
-        """Assignment messages acknowledged by the broker since start."""
-        self._dirty: set[GatewayKey] = set()
-        self._all = False
-        self._wake = asyncio.Event()
-        self._stop = asyncio.Event()
 
-    @property
-    def pending(self) -> int:
-        """Gateways marked and not yet published (``-1``: all known gateways are due)."""
-        return -1 if self._all else len(self._dirty)
+    async def all_gateways(self) -> list[GatewayKey]:
+        """Every gateway the hub knows."""
+        return await known_gateways(self.db)
 
-    def mark(self, *gateways: GatewayKey) -> None:
-        """Publish these gateways' assignment lists (soon, and again after a failure)."""
-        self._dirty.update(gateways)
-        self._wake.set()
-
-    def mark_all(self) -> None:
-        """Publish every known gateway's assignment list."""
-        self._all = True
-        self._wake.set()
-
-    async def stop(self) -> None:
-        """Make :meth:`run` return (what is still marked is published at the next start)."""
-        self._stop.set()
-        self._wake.set()
-
-    async def run(self) -> None:
-        """Publish marked gateways until :meth:`stop`; failures are retried with back-off."""
-        if self.publisher is None:
-            return
-        publisher = self.publisher
-        backoff = 0.2
-        while not self._stop.is_set():
-            await self._wake.wait()
-            self._wake.clear()
-            if self._stop.is_set():
-                break
-            if not publisher.subscribed.is_set():
-                continue  # Ingest calls mark_all() once it is subscribed again
-            failed = await self._publish_marked(publisher)
-            if failed:
-                with contextlib.suppress(TimeoutError):
-                    await asyncio.wait_for(self._stop.wait(), backoff)
-                backoff = min(backoff * 2, 5.0)
-                self._wake.set()
-            else:
-                backoff = 0.2
-
-    async def _publish_marked(self, publisher: Publisher) -> bool:
-        targets, self._dirty = self._dirty, set()
-        if self._all:
-            self._all = False
-            try:
-                targets |= set(await known_gateways(self.db))
-            except Exception as exc:  # database away: try again later
-                self._all = True
-                self._dirty |= targets
-                log.warning("assignments_publish_failed", error=str(exc), gateways="all")
-                return True
-        failed = False
-        queue = sorted(targets)
-        for i, key in enumerate(queue):
-            if self._stop.is_set() or not publisher.subscribed.is_set():
-                # Stopping, or the connection is gone (re-subscribing marks every gateway anyway).
-                self._dirty.update(queue[i:])
-                break
-            try:
-                await self.publish_one(publisher, *key)
-            except Exception as exc:  # broker or database away: keep it marked, retry
-                self._dirty.add(key)
-                failed = True
-                self.metrics.assignment_publish_failed()
-                log.warning("assignments_publish_failed", site=key[0], gateway=key[1], error=str(exc))
-        return failed
+    def publish_failed(self) -> None:
+        """Counted in ``twin_hub_model_assignments_publish_failures``."""
+        self.metrics.assignment_publish_failed()
 
     async def publish_one(self, publisher: Publisher, site: str, gateway: str) -> ModelAssignmentV1:
         """Compute and publish one gateway's retained assignment list; returns the message."""

@@ -24,6 +24,7 @@ from hub.api.schemas import (
     iso_ms,
 )
 from hub.modelfile import ModelRejected, check_size, inspect_model
+from hub.retained import GatewayKey
 from hub.rollout import AssignmentRow, RegistryError, VersionRow
 from protocol.anomaly import MAX_MODEL_BYTES
 from protocol.ids import NAME_PATTERN
@@ -179,7 +180,7 @@ async def _gateway_ref(ctx: Ctx, gateway: str | None) -> queries.GatewayRef | No
     return None if gateway is None else await gateway_or_404(ctx, gateway)
 
 
-def _republish(ctx: Ctx, gateways: list[rollout.GatewayKey]) -> list[str]:
+def _republish(ctx: Ctx, gateways: list[GatewayKey]) -> list[str]:
     if ctx.rollout is not None:
         ctx.rollout.mark(*gateways)
     return [f"{site}.{gw}" for site, gw in gateways]
