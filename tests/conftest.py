@@ -13,12 +13,12 @@ from typing import Any
 
 import pytest
 
-from fleet.broker import BrokerTls, BrokerUnavailable, Mosquitto
+from fleet.broker import BrokerTls, Mosquitto
 from fleet.net import free_port
 from fleet.postgres import PostgresCluster, PostgresUnavailable
 from tests import browser as browsers
 from tests.hubtools import ADMIN_PASSWORD
-from tests.parts import missing_part
+from tests.parts import missing_part, running_broker
 from tests.tlstools import Pki, make_pki
 
 # Test modules import onnxruntime directly; like the edge and hub, they keep its telemetry off.
@@ -30,15 +30,7 @@ os.environ["TWIN_ADMIN_PASSWORD"] = ADMIN_PASSWORD
 @pytest.fixture
 def mosquitto(tmp_path: Path) -> Iterator[Mosquitto]:
     """A real mosquitto on a free 127.0.0.1 port, stopped after the test."""
-    try:
-        broker = Mosquitto(workdir=tmp_path / "mosquitto")
-        broker.start()
-    except BrokerUnavailable as exc:
-        missing_part(str(exc), "apt-get install mosquitto")
-    try:
-        yield broker
-    finally:
-        broker.cleanup()
+    yield from running_broker(workdir=tmp_path / "mosquitto")
 
 
 @pytest.fixture
@@ -57,16 +49,8 @@ def tls_ca(tmp_path_factory: pytest.TempPathFactory) -> Pki:
 @pytest.fixture
 def mosquitto_tls(tmp_path: Path, tls_ca: Pki) -> Iterator[Mosquitto]:
     """A real mosquitto with only a TLS listener (TLS 1.2+, certificate from ``tls_ca``) on ``.port``."""
-    try:
-        broker = Mosquitto(workdir=tmp_path / "mosquitto-tls", plain=False,
-                           tls=BrokerTls(tls_ca.ca, tls_ca.server_cert, tls_ca.server_key))
-        broker.start()
-    except BrokerUnavailable as exc:
-        missing_part(str(exc), "apt-get install mosquitto")
-    try:
-        yield broker
-    finally:
-        broker.cleanup()
+    yield from running_broker(workdir=tmp_path / "mosquitto-tls", plain=False,
+                              tls=BrokerTls(tls_ca.ca, tls_ca.server_cert, tls_ca.server_key))
 
 
 @pytest.fixture(scope="session")

@@ -6,9 +6,11 @@ Not used by the running hub.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import time
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import AsyncIterator, Callable, Iterator, Sequence
+from pathlib import Path
 from typing import Any
 
 import httpx
@@ -176,6 +178,33 @@ ADMIN = BearerAuth()
 def admin_auth() -> BearerAuth:
     """A fresh admin sign-in (one per hub: tokens of one hub's secret do not open another)."""
     return BearerAuth()
+
+
+ROLE_PASSWORDS = {role: f"{role}-password-123" for role in ("admin", "staff", "technician", "viewer")}
+"""Passwords of :func:`database_with_role_users`' users, each named after its role."""
+
+
+@contextlib.asynccontextmanager
+async def database_with_role_users(path: Path) -> AsyncIterator[Any]:
+    """An open SQLite :class:`hub.db.Database` at ``path`` with one user per role, named after it
+    (passwords :data:`ROLE_PASSWORDS`); closed afterwards."""
+    from hub.db import Database  # tests only
+
+    database = await Database(f"sqlite://{path}").open()
+    try:
+        for role, password in ROLE_PASSWORDS.items():
+            await add_user(database, role, role, password)
+        yield database
+    finally:
+        await database.close()
+
+
+def api_app(db: Any, **auth: object) -> Any:
+    """The hub's FastAPI app on ``db`` with the data clock at :data:`T0` and ``AuthState(**auth)``."""
+    from hub.api import ApiContext, create_app  # tests only
+    from hub.api.access import AuthState
+
+    return create_app(ApiContext(db=db, clock=lambda: T0, auth=AuthState(**auth)))  # type: ignore[arg-type]
 
 
 async def add_user(db: Any, username: str, role: str, password: str | None = None) -> str:

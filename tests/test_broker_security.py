@@ -16,7 +16,7 @@ from typing import Any
 import aiomqtt
 import pytest
 
-from fleet.broker import BrokerAuth, BrokerUnavailable, Mosquitto
+from fleet.broker import BrokerAuth, Mosquitto
 from fleet.procs import ReadyProcess
 from hub.broker_access import GatewayLogin, acl_file_text, gateway_acl, hash_password, verify_password
 from hub.errors import RequestRefused
@@ -26,7 +26,7 @@ from hub.provisioning import Provisioned
 from hub.service import Hub, running_hub
 from protocol import topics
 from tests import hubtools
-from tests.parts import missing_part
+from tests.parts import missing_part, running_broker
 
 HUB_USER, HUB_PASSWORD = "twin-hub", "hub-secret-pw"
 
@@ -76,15 +76,7 @@ def test_acl_lists_only_own_topics() -> None:
 def secured_broker(tmp_path: Path) -> Iterator[Mosquitto]:
     """A real Mosquitto with allow_anonymous false and the hub's password and ACL files."""
     auth = BrokerAuth(tmp_path / "broker" / "passwd", tmp_path / "broker" / "acl")
-    try:
-        broker = Mosquitto(workdir=tmp_path / "mosquitto", auth=auth)
-        broker.start()
-    except BrokerUnavailable as exc:
-        missing_part(str(exc), "apt-get install mosquitto")
-    try:
-        yield broker
-    finally:
-        broker.cleanup()
+    yield from running_broker(workdir=tmp_path / "mosquitto", auth=auth)
 
 
 def secured_hub_config(tmp_path: Path, broker: Mosquitto) -> Any:

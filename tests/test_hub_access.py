@@ -17,14 +17,13 @@ import pytest
 from fastapi import FastAPI
 
 from hub import tokens, users
-from hub.api import ApiContext, create_app
-from hub.api.access import AuthState, RateLimiter
+from hub.api.access import RateLimiter
 from hub.db import Database
-from tests.hubtools import T0, BearerAuth, add_user
+from tests.hubtools import ROLE_PASSWORDS, T0, BearerAuth, api_app, database_with_role_users
 
 NOW = T0
 ROLES = {"A": "admin", "S": "staff", "T": "technician", "V": "viewer"}
-PASSWORDS = {role: f"{role}-password-123" for role in ROLES.values()}
+PASSWORDS = ROLE_PASSWORDS
 
 # (method, path) -> roles allowed: A admin, S staff, T technician, V viewer; "-" public.
 POLICY: dict[tuple[str, str], str] = {
@@ -96,17 +95,11 @@ PATH_VALUES = {"device_id": "plant1.gw1.boiler1", "gateway_id": "plant1.gw1", "n
 
 @pytest.fixture
 async def db(tmp_path: Path) -> AsyncIterator[Database]:
-    database = await Database(f"sqlite://{tmp_path / 'hub.db'}").open()
-    try:
-        for role, password in PASSWORDS.items():
-            await add_user(database, role, role, password)
+    async with database_with_role_users(tmp_path / "hub.db") as database:
         yield database
-    finally:
-        await database.close()
 
 
-def make_app(db: Database, **auth: object) -> FastAPI:
-    return create_app(ApiContext(db=db, clock=lambda: NOW, auth=AuthState(**auth)))  # type: ignore[arg-type]
+make_app = api_app
 
 
 def client(app: FastAPI, auth: httpx.Auth | None = None) -> httpx.AsyncClient:

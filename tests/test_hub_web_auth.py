@@ -17,30 +17,23 @@ import pytest
 from fastapi import FastAPI
 
 from hub.alerts.models import Alert
-from hub.api import ApiContext, create_app
-from hub.api.access import SESSION_COOKIE, AuthState, RateLimiter
+from hub.api.access import SESSION_COOKIE, RateLimiter
 from hub.db import Database
 from hub.live import FleetEvents, Subscription
 from hub.store import Store, TelemetryItem
 from hub.web.summary import fleet_summary
-from tests.hubtools import T0, add_user, series, telemetry
+from tests.hubtools import ROLE_PASSWORDS, T0, api_app, database_with_role_users, series, telemetry
 
-PASSWORDS = {role: f"{role}-password-123" for role in ("admin", "staff", "technician", "viewer")}
+PASSWORDS = ROLE_PASSWORDS
 
 
 @pytest.fixture
 async def db(tmp_path: Path) -> AsyncIterator[Database]:
-    database = await Database(f"sqlite://{tmp_path / 'hub.db'}").open()
-    try:
-        for role, password in PASSWORDS.items():
-            await add_user(database, role, role, password)
+    async with database_with_role_users(tmp_path / "hub.db") as database:
         yield database
-    finally:
-        await database.close()
 
 
-def make_app(db: Database, **auth: object) -> FastAPI:
-    return create_app(ApiContext(db=db, clock=lambda: T0, auth=AuthState(**auth)))  # type: ignore[arg-type]
+make_app = api_app
 
 
 def client(app: FastAPI, base_url: str = "http://hub") -> httpx.AsyncClient:
