@@ -12,6 +12,7 @@ from pathlib import Path
 from typing import Any
 
 import aiomqtt
+from pymodbus.client import AsyncModbusTcpClient
 
 from edge.agent import EdgeAgent
 from edge.config import load_config
@@ -128,3 +129,16 @@ class ModelServer:
         self._httpd.shutdown()
         self._httpd.server_close()
         self._thread.join(5)
+
+
+async def holding0(port: int) -> int:
+    """Holding register 0 of the simulator, read by a separate Modbus client."""
+    client = AsyncModbusTcpClient("127.0.0.1", port=port, timeout=1, retries=0)
+    await client.connect()
+    try:
+        rr = await client.read_holding_registers(0, count=1, device_id=1)
+        assert not rr.isError(), rr
+        word: int = rr.registers[0]
+        return word
+    finally:
+        client.close()

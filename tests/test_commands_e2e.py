@@ -19,7 +19,6 @@ from typing import Any
 import aiomqtt
 import httpx
 import pytest
-from pymodbus.client import AsyncModbusTcpClient
 
 from firmware_sim import SimConfig, Simulators, run_simulators
 from fleet.broker import Mosquitto
@@ -28,6 +27,7 @@ from hub.ingest import now_ms
 from hub.service import Hub, running_hub
 from protocol.schema import CommandV1, encode
 from protocol.topics import commands_topic
+from tests.edgetools import holding0
 from tests.hubtools import BearerAuth, add_user, hub_config
 
 pytestmark = pytest.mark.integration
@@ -149,16 +149,9 @@ async def command(f: Fleet, command_id: str, *statuses: str) -> dict[str, Any]:
     return result
 
 
-async def holding0(sim: Simulators) -> int:
-    client = AsyncModbusTcpClient("127.0.0.1", port=sim.device("boiler-1").port, timeout=1, retries=0)
-    await client.connect()
-    try:
-        rr = await client.read_holding_registers(0, count=1, device_id=1)
-        assert not rr.isError(), rr
-        word: int = rr.registers[0]
-        return word
-    finally:
-        client.close()
+async def boiler_setpoint_word(sim: Simulators) -> int:
+    """boiler-1's holding register 0 (the flow setpoint, 0.1 degC)."""
+    return await holding0(sim.device("boiler-1").port)
 
 
 async def human_error_alerts(f: Fleet, device: str) -> list[dict[str, Any]]:
@@ -182,7 +175,7 @@ async def test_setpoint_commands_end_to_end(fleet: Fleet) -> None:
     assert (sent["status"], sent["issued_by"], sent["unit"], sent["value"]) == ("sent", "tech1", "degC", 65.0)
     done = await command(f, sent["id"], "applied", "failed", "refused_by_gateway")
     assert (done["status"], done["read_back"], done["reason"], done["via_hub"]) == ("applied", 65.0, "", True)
-    assert await holding0(f.sim) == 650
+    assert await boiler_setpoint_word(f.sim) == 650
     assert f.sim.device("boiler-1").model.flow_setpoint == 65.0  # type: ignore[attr-defined]
 
     # 2. 95.0 degC at the hub: 422 naming the range, audited, a human-error alert.
@@ -194,7 +187,7 @@ async def test_setpoint_commands_end_to_end(fleet: Fleet) -> None:
         ("refused_by_hub", 95.0, "tech1"), ("applied", 65.0, "tech1")]
     alerts = await until(f, "a human-error alert", lambda: human_error_alerts(f, BOILER))
     assert len(alerts) == 1 and alerts[0]["last_value"] == 95.0
-    assert await holding0(f.sim) == 650  # untouched
+    assert await boiler_setpoint_word(f.sim) == 650  # untouched
 
     # 3. A command published past the hub with an unsafe value: the edge refuses, the hub shows it.
     now = now_ms()
@@ -206,14 +199,14 @@ async def test_setpoint_commands_end_to_end(fleet: Fleet) -> None:
     alert = await until(f, "the alert to count the gateway's refusal",
                         lambda: _alert_count(f, BOILER, 2))
     assert "not issued through this hub" in alert["message"] or alert["count"] == 2
-    assert await holding0(f.sim) == 650
+    assert await boiler_setpoint_word(f.sim) == 650
 
     # 4. An expired command (safe value) is refused by the gateway's clock.
     await publish_direct(f, CommandV1(site=SITE, gateway=GW, ts=now - 120_000, id="late-1", expires=now - 60_000,
                                       device="boiler-1", point="flow_setpoint", value=50.0, issued_by="tech1"))
     late = await command(f, "late-1", "refused_by_gateway", "applied", "failed")
     assert late["reason"] == "expired"
-    assert await holding0(f.sim) == 650
+    assert await boiler_setpoint_word(f.sim) == 650
 
     # 5. A device that does not answer: the command fails with the reason.
     r = await f.tech.post(f"/api/v1/devices/{SILENT}/commands", json={"point": "flow_setpoint", "value": 60.0})
@@ -229,7 +222,7 @@ async def test_setpoint_commands_end_to_end(fleet: Fleet) -> None:
     await publish_direct(f, cmd)
     log = await until(f, "the edge to log the duplicate", lambda: _edge_logged(f, "command_duplicate"))
     assert log["id"] == "dup-1"
-    assert await holding0(f.sim) == 550
+    assert await boiler_setpoint_word(f.sim) == 550
     answers = [e for e in (await f.tech.get(f"/api/v1/gateways/{SITE}.{GW}/events",
                                             params={"type": "command_applied", "limit": 100})).json()
                if e.get("details", {}).get("command_id") == "dup-1"]

@@ -15,7 +15,6 @@ from typing import Any
 
 import pytest
 from pydantic import ValidationError
-from pymodbus.client import AsyncModbusTcpClient
 
 from edge.buffer import BufferEvent, ReadingBuffer
 from edge.commands import CommandGuard, Writer
@@ -28,6 +27,7 @@ from edge.reading import Reading
 from firmware_sim import SimConfig, Simulators, run_simulators
 from protocol.profile import DeviceProfile, builtin_profile
 from protocol.schema import CommandV1, EventType, encode
+from tests.edgetools import holding0
 
 SITE, GW = "site-1", "gw-cmd"
 BOILER = builtin_profile("sim-boiler")
@@ -68,19 +68,6 @@ def command(value: float, *, id: str = "c1", device: str = "boiler-1", point: st
     now = time.time_ns() // 1_000_000
     return CommandV1(site=SITE, gateway=gateway, ts=now, id=id, expires=now + expires_in_ms, device=device,
                      point=point, value=value, issued_by="tech1")
-
-
-async def holding0(port: int) -> int:
-    """Holding register 0 of the simulator, read by a separate Modbus client."""
-    client = AsyncModbusTcpClient("127.0.0.1", port=port, timeout=1, retries=0)
-    await client.connect()
-    try:
-        rr = await client.read_holding_registers(0, count=1, device_id=1)
-        assert not rr.isError(), rr
-        word: int = rr.registers[0]
-        return word
-    finally:
-        client.close()
 
 
 async def answers(buffer: ReadingBuffer) -> list[BufferEvent]:
